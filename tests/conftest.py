@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny SentencePiece tokenizer trained on generated text, and tiny challenge shards."""
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "data"), str(ROOT / "tools")]
+
+import build_shards  # noqa: E402
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven bright birds sing near old stone walls in the "
+         "morning rain; café naïve 42 fjord über 2026 résumé zoë!").split()
+
+# A tiny model: 2 layers, dim 64, every feature on (XSA, VE, bigram, smear), int6 on all its matrices.
+TINY_ENV = dict(VOCAB_SIZE="320", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
+                VE_DIM="16", BIGRAM_DIM="16", BIGRAM_VOCAB_SIZE="64", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
+                EVAL_STRIDE="16", TRAIN_BATCH_TOKENS="1024", VAL_BATCH_SIZE="2048", MAX_WALLCLOCK_SECONDS="0",
+                WARMUP_STEPS="4", TORCH_COMPILE="0", QUANT_MIN_NUMEL="1024", TRAIN_LOG_EVERY="5", SEED="7")
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 80))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("tok")
+    return build_shards.train_tokenizer(make_docs(300, seed=1), str(d / "tiny"), 320)
+
+
+@pytest.fixture(scope="session")
+def sp(tokenizer):
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, tokenizer) -> Path:
+    """Train and val shards of generated documents, BOS before each."""
+    d = tmp_path_factory.mktemp("data")
+    enc = build_shards.encode_documents(make_docs(400, seed=2), tokenizer, workers=1)
+    build_shards.write_split(enc[:60], d, "val", 1 << 30)
+    build_shards.write_split(enc[60:], d, "train", 8000)
+    return d
+
+
+def run_train(tmp_path: Path, dataset: Path, tokenizer: str, args=(), **env) -> subprocess.CompletedProcess:
+    """Run train_gpt.py (or eval/eval.sh with args) in tmp_path with the tiny config."""
+    full = {**os.environ, **TINY_ENV, "DATA_PATH": str(dataset), "TOKENIZER_PATH": tokenizer,
+            "RUN_ID": "t", "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in env.items()}}
+    cmd = ["bash", str(ROOT / "eval" / "eval.sh"), *args] if args else [sys.executable, str(ROOT / "train_gpt.py")]
+    return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=600)
+
+
+def shard_tokens(path) -> np.ndarray:
+    import train_gpt
+    return train_gpt.read_shard(str(path))

@@ -1,0 +1,121 @@
+"""Quantisation, the artifact format and its errors."""
+import pytest
+import torch
+
+import train_gpt as tg
+from test_model import tiny_hp
+
+PCTS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+def test_quantise_error_bounds(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(48, 300) * torch.rand(48, 1)
+    q, scale = tg.quantize_rows(w, bits, (1.0,), clip_floor=0.0)
+    qmax = 2 ** (bits - 1) - 1
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16 and int(q.abs().max()) <= qmax
+    err = (tg.dequantize_rows(q, scale) - w).abs()
+    assert torch.all(err <= scale.float()[:, None] / 2 + 1e-6)  # row max clip: nothing is clipped, error <= step/2
+    assert torch.all(scale.float() >= w.abs().amax(1) / qmax * (1 - 1e-3))
+
+
+def test_clip_search_returns_the_min_mse_candidate_per_row():
+    torch.manual_seed(0)
+    w = torch.randn(64, 512)
+    w[::7, :3] *= 12  # outliers make clipping worth it on some rows
+    q, scale = tg.quantize_rows(w, 6, PCTS, clip_floor=0.0)
+    got = (tg.dequantize_rows(q, scale) - w).square().sum(1)
+    for p in PCTS:
+        clip = torch.quantile(w.abs(), p, dim=1)  # reference: torch's linear-interpolated percentile
+        s = (clip / 31).half().float()
+        cand = (torch.clamp(torch.round(w / s[:, None]), -31, 31) * s[:, None] - w).square().sum(1)
+        assert torch.all(got <= cand * (1 + 1e-5) + 1e-9)
+    single = [tg.quantize_rows(w, 6, (p,), 0.0) for p in PCTS]
+    errs = torch.stack([(tg.dequantize_rows(*qs) - w).square().sum(1) for qs in single])
+    assert torch.allclose(got, errs.min(0).values)
+
+
+def test_clip_floor_gives_rows_one_absolute_step():
+    w = torch.randn(8, 128) * 0.05
+    _, scale = tg.quantize_rows(w, 6, PCTS, clip_floor=1.0)
+    assert torch.all(scale.float() == torch.tensor(1 / 31).half().float())
+    _, free = tg.quantize_rows(w, 6, PCTS, clip_floor=0.0)
+    assert torch.all(free.float() < scale.float())
+
+
+def trained_like_state(hp):
+    torch.manual_seed(0)
+    m = tg.GPT(hp, dtype=torch.float32)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return m, {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("codec", ["zstd", "brotli"])
+def test_artifact_round_trip_gives_identical_logits(tmp_path, codec):
+    hp = tiny_hp(compressor=codec)
+    m, state = trained_like_state(hp)
+    path = str(tmp_path / "a.ptz")
+    tg.write_artifact(path, state, hp, 1.0)
+    config, loaded = tg.read_artifact(path)
+    assert config["num_layers"] == 2 and set(loaded) == set(state)
+    # the reference: every tensor through the same quantiser in memory
+    ref = {}
+    for name, t in state.items():
+        kind = tg.export_kind(name, t, hp.quant_min_numel)
+        if kind.startswith("int"):
+            ref[name] = tg.dequantize_rows(*tg.quantize_rows(t, 6 if kind == "int" else 8, hp.percentiles, 1.0))
+        else:
+            ref[name] = t.to(torch.float16 if kind == "fp16" else torch.float32).float()
+    ids = torch.randint(0, 320, (2, 32))
+    a, b = tg.GPT(hp, dtype=torch.float32), tg.GPT(tg.Hyperparameters(**{**hp.__dict__, **config}), dtype=torch.float32)
+    a.load_state_dict(ref)
+    b.load_state_dict(loaded)
+    assert torch.equal(a(ids, ids, per_token=True), b(ids, ids, per_token=True))
+    assert not torch.equal(m(ids, ids, per_token=True), b(ids, ids, per_token=True))  # quantisation did happen
+    assert loaded["blocks.0.attn_scale"].dtype == torch.float32 and torch.equal(loaded["blocks.0.attn_scale"], state["blocks.0.attn_scale"])
+
+
+def test_same_weights_give_the_same_bytes(tmp_path):
+    hp = tiny_hp()
+    _, state = trained_like_state(hp)
+    tg.write_artifact(str(tmp_path / "a"), state, hp, 1.0)
+    tg.write_artifact(str(tmp_path / "b"), {k: v.clone() for k, v in state.items()}, hp, 1.0)
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:len(b) // 2], "truncated or corrupt"),
+    (lambda b: b"XXXX" + b[4:], "bad magic"),
+    (lambda b: b[:5], "truncated or corrupt"),
+])
+def test_corrupt_artifacts_fail_clearly(tmp_path, damage, message):
+    hp = tiny_hp(compressor="zstd")
+    _, state = trained_like_state(hp)
+    path = tmp_path / "a.ptz"
+    tg.write_artifact(str(path), state, hp, 1.0)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(tg.ArtifactError, match=message):
+        tg.read_artifact(str(path))
+
+
+def test_flipped_payload_byte_fails_the_checksum(tmp_path):
+    hp = tiny_hp(compressor="zstd")
+    _, state = trained_like_state(hp)
+    raw = bytearray(tg.pack_state(state, hp, 1.0))
+    raw[-100] ^= 0xFF
+    with pytest.raises(tg.ArtifactError, match="checksum"):
+        tg.unpack_state(bytes(raw))
+
+
+def test_size_fit_raises_the_floor_until_it_fits(tmp_path):
+    hp = tiny_hp()
+    _, state = trained_like_state(hp)
+    path = str(tmp_path / "a.ptz")
+    first = tg.write_artifact(path, state, hp, 1.0)
+    lines = []
+    limited = tg.Hyperparameters(**{**hp.__dict__, "size_limit": first - 2000})
+    n = tg.export_artifact(path, state, limited, 0, lines.append)
+    assert n <= first - 2000 and any("size_fit" in line for line in lines)

@@ -1,0 +1,63 @@
+"""End to end on CPU: train, export, reload the artifact alone and score it; the failure exits."""
+import re
+
+import pytest
+
+from conftest import ROOT, run_train
+from logs import parse_log
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dataset, tokenizer):
+    d = tmp_path_factory.mktemp("run")
+    r = run_train(d, dataset, tokenizer, ITERATIONS=20, COMPRESSOR="zstd")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d, r
+
+
+def test_loss_falls_and_every_final_line_is_there(trained):
+    d, r = trained
+    log = parse_log(str(d / "logs" / "t.txt"))
+    curve = log["train_curve"]
+    assert curve[0][0] == 1 and curve[-1][0] == 20
+    assert curve[-1][2] < curve[0][2] - 0.5  # loss falls over 20 CPU steps
+    for key in ("pre_quant_bpb", "roundtrip_bpb", "sliding_bpb", "total_bytes", "optimizer_ms"):
+        assert key in log, key
+    assert "late_qat:on" in r.stdout
+    code_bytes = (ROOT / "train_gpt.py").stat().st_size
+    assert log["total_bytes"] == (d / "logs" / "t.int6.ptz").stat().st_size + code_bytes
+
+
+def test_eval_sh_scores_an_artifact_alone(trained, tmp_path, dataset, tokenizer):
+    d, _ = trained
+    # a data dir with the val shard only: scoring must not need training data
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "fineweb_val_000000.bin").write_bytes((dataset / "fineweb_val_000000.bin").read_bytes())
+    r = run_train(tmp_path, tmp_path / "val", tokenizer, args=[str(d / "logs" / "t.int6.ptz")],
+                  NUM_LAYERS=5, RUN_ID="score")  # the shape comes from the artifact, not the env
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = parse_log(str(d / "logs" / "t.txt"))
+    again = parse_log(str(tmp_path / "logs" / "score.txt"))
+    assert again["sliding_bpb"] == first["sliding_bpb"] and again["roundtrip_bpb"] == first["roundtrip_bpb"]
+
+
+def test_oversize_artifact_is_an_error_that_says_by_how_much(tmp_path, dataset, tokenizer):
+    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=2, SIZE_LIMIT=60_000, SIZE_FIT=0)
+    assert r.returncode == 2
+    m = re.search(r"error: submission is (\d+) bytes, (\d+) over the 60000-byte limit", r.stderr)
+    assert m and int(m[1]) - 60_000 == int(m[2])
+    assert list((tmp_path / "logs").glob("*.ptz"))  # the artifact is kept
+
+
+def test_missing_data_and_corrupt_artifact_exit_cleanly(tmp_path, dataset, tokenizer):
+    r = run_train(tmp_path, tmp_path / "nowhere", tokenizer, ITERATIONS=2)
+    assert r.returncode == 2 and "no val shards match" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "bad.ptz").write_bytes(b"PGA1\x01" + b"\x00" * 100)
+    r = run_train(tmp_path, dataset, tokenizer, args=[str(tmp_path / "bad.ptz")])
+    assert r.returncode != 0 and "truncated or corrupt artifact" in r.stderr
+
+
+def test_nan_loss_stops_the_run(tmp_path, dataset, tokenizer):
+    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=8, MATRIX_LR="1e30", TIED_EMBED_LR="1e30", SCALAR_LR="1e30",
+                  GRAD_CLIP_NORM="0")
+    assert r.returncode == 2 and "non-finite train loss" in r.stderr
