@@ -972,11 +972,14 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             swa_count += 1
         is_log = step % hp.train_log_every == 0 or step <= 10 or stop
         if is_log and step > 0:
-            if bool(nonfinite):
+            stats = torch.stack((last_loss.float(), nonfinite.float()))
+            if world > 1:
+                dist.all_reduce(stats)
+            if stats[1] > 0:
                 raise TrainingError(f"non-finite train loss by step {step}: stopping (lower the LRs or check the data)")
             avg = elapsed_ms / step
             eta = (cap_ms - elapsed_ms) / 1000 if cap_ms > 0 else (hp.iterations - step) * avg / 1000
-            log(f"step:{step}/{hp.iterations} train_loss:{last_loss.item():.4f} train_time:{elapsed_ms / 1000:.1f}s "
+            log(f"step:{step}/{hp.iterations} train_loss:{stats[0].item() / world:.4f} train_time:{elapsed_ms / 1000:.1f}s "
                 f"step_avg:{avg:.2f}ms tok/s:{tokens_per_step / avg * 1000:,.0f} lr_scale:{scale:.3f} eta:{max(eta, 0):.0f}s")
         if hp.val_loss_every > 0 and step > 0 and (step % hp.val_loss_every == 0 or stop):
             if device.type == "cuda":

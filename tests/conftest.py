@@ -50,11 +50,18 @@ def dataset(tmp_path_factory, tokenizer) -> Path:
     return d
 
 
-def run_train(tmp_path: Path, dataset: Path, tokenizer: str, args=(), **env) -> subprocess.CompletedProcess:
-    """Run train_gpt.py (or eval/eval.sh with args) in tmp_path with the tiny config."""
-    full = {**os.environ, **TINY_ENV, "DATA_PATH": str(dataset), "TOKENIZER_PATH": tokenizer,
+def run_train(tmp_path: Path, dataset: Path, tokenizer: str, args=(), nproc=0, **env) -> subprocess.CompletedProcess:
+    """Run train_gpt.py in tmp_path with the tiny config: plain python, torchrun with `nproc` CPU processes
+    (gloo), or eval/eval.sh when `args` are given."""
+    full = {**os.environ, **TINY_ENV, "DATA_PATH": str(dataset), "TOKENIZER_PATH": tokenizer, "OMP_NUM_THREADS": "1",
             "RUN_ID": "t", "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in env.items()}}
-    cmd = ["bash", str(ROOT / "eval" / "eval.sh"), *args] if args else [sys.executable, str(ROOT / "train_gpt.py")]
+    if args:
+        cmd = ["bash", str(ROOT / "eval" / "eval.sh"), *args]
+    elif nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train_gpt.py")]
+    else:
+        cmd = [sys.executable, str(ROOT / "train_gpt.py")]
     return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=600)
 
 

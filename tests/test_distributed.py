@@ -1,0 +1,35 @@
+"""Several processes (torchrun, gloo on CPU) agree with one: the same global batch trains the same model, and
+one artifact scores the same bpb whatever the process count."""
+import pytest
+
+from conftest import run_train
+from logs import parse_log
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dataset, tokenizer):
+    out = {}
+    for n in (1, 2):
+        d = tmp_path_factory.mktemp(f"world{n}")
+        r = run_train(d, dataset, tokenizer, nproc=n, ITERATIONS=8, COMPRESSOR="zstd", GRAD_ACCUM_STEPS=4 // n)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[n] = d
+    return out
+
+
+def test_two_processes_train_like_one(runs):
+    one, two = (parse_log(str(runs[n] / "logs" / "t.txt"))["train_curve"] for n in (1, 2))
+    assert [s for s, _, _ in one] == [s for s, _, _ in two]
+    assert one[0][2] == two[0][2]  # the first step's global loss: same data, same weights
+    for (_, _, a), (_, _, b) in zip(one, two):
+        assert abs(a - b) < 2e-3  # later steps differ only by reduction order
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_an_artifact_scores_the_same_on_any_number_of_processes(runs, tmp_path, dataset, tokenizer, nproc):
+    artifact = runs[1] / "logs" / "t.int6.ptz"
+    r = run_train(tmp_path, dataset, tokenizer, args=[str(artifact)], NPROC=nproc, RUN_ID="multi")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, got = parse_log(str(runs[1] / "logs" / "t.txt")), parse_log(str(tmp_path / "logs" / "multi.txt"))
+    for key in ("roundtrip_bpb", "sliding_bpb", "sliding_loss"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-6)
