@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -795,7 +796,8 @@ def select_attention(requested: str, device: torch.device, hp: Hyperparameters, 
     for name in names:
         for impl in ("sdpa", "sdpa_expand"):
             try:
-                with sdpa_kernel(kernels[name]):
+                with sdpa_kernel(kernels[name]), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # kernels that cannot take these inputs warn, then raise
                     for it in range(8):
                         if it == 3:
                             torch.cuda.synchronize()

@@ -13,4 +13,4 @@ if [ $# -ge 1 ]; then
   [ -f "$1" ] || { echo "error: artifact $1 not found" >&2; exit 2; }
   export EVAL_ARTIFACT=$1
 fi
-exec torchrun --standalone --nproc_per_node="$nproc" "$root/train_gpt.py"
+exec python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc" "$root/train_gpt.py"

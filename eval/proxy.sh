@@ -30,5 +30,5 @@ export DATA_PATH=$data TOKENIZER_PATH=$src/fineweb_1024_bpe.model
 export TRAIN_BATCH_TOKENS=$((98304 * nproc)) GRAD_ACCUM_STEPS=${GRAD_ACCUM_STEPS:-1}
 export MAX_WALLCLOCK_SECONDS=${PROXY_SECONDS:-150} TRAIN_SEQ_LEN=2048
 export RUN_ID=${RUN_ID:-proxy_$(date +%Y%m%d_%H%M%S)}
-torchrun --standalone --nproc_per_node="$nproc" train_gpt.py
+python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc" train_gpt.py
 python3 tools/logs.py summary "logs/$RUN_ID.txt"

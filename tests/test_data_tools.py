@@ -1,0 +1,126 @@
+"""data/cached_challenge_fineweb.py with a fake hub, data/build_shards.py on generated text, eval/proxy.sh on CPU."""
+import json
+import lzma
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+import build_shards
+import cached_challenge_fineweb as ccf
+import train_gpt as tg
+from conftest import ROOT, TINY_ENV, make_docs
+from logs import parse_log
+
+MANIFEST = {"version": 1, "datasets": [
+    {"name": "fineweb10B_sp1024", "files": [
+        {"path": "datasets/fineweb10B_sp1024/fineweb_val_000000.bin", "bytes": 30},
+        *({"path": f"datasets/fineweb10B_sp1024/fineweb_train_{i:06d}.bin", "bytes": 10 + i} for i in range(4))]},
+    {"name": "fineweb10B_sp4096", "files": [{"path": "datasets/fineweb10B_sp4096/fineweb_val_000000.bin", "bytes": 5}]}],
+    "tokenizers": [{"path": "tokenizers/fineweb_1024_bpe.model", "bytes": 7},
+                   {"path": "tokenizers/fineweb_4096_bpe.model", "bytes": 9}]}
+
+
+class FakeHub:
+    def __init__(self, manifest=MANIFEST, lie=None):
+        self.files = {"datasets/manifest.json": json.dumps(manifest).encode()}
+        for path, size in ccf.manifest_entries(manifest):
+            self.files[f"datasets/{path}"] = b"x" * (size if path != lie else size + 1)
+        self.calls = []
+
+    def __call__(self, remote, dest):
+        self.calls.append(remote)
+        if remote not in self.files:
+            raise ccf.DownloadError(f"404 {remote}")
+        dest.write_bytes(self.files[remote])
+
+
+def test_manifest_plan_maps_paths_and_limits_train_shards(tmp_path):
+    plan = ccf.plan_downloads(ccf.manifest_entries(MANIFEST), "sp1024", 2, tmp_path)
+    assert [(r, str(p.relative_to(tmp_path)), s) for r, p, s in plan] == [
+        ("datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin", "datasets/fineweb10B_sp1024/fineweb_train_000000.bin", 10),
+        ("datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin", "datasets/fineweb10B_sp1024/fineweb_train_000001.bin", 11),
+        ("datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin", "datasets/fineweb10B_sp1024/fineweb_val_000000.bin", 30),
+        ("datasets/tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.model", 7)]
+
+
+def test_fetch_skips_present_files_and_verifies_sizes(tmp_path):
+    hub = FakeHub()
+    files = ccf.fetch_all("sp1024", 3, tmp_path, download=hub, log=lambda m: None)
+    assert len(files) == 5 and all(f.exists() for f in files)
+    hub.calls.clear()
+    ccf.fetch_all("sp1024", 3, tmp_path, download=hub, log=lambda m: None)
+    assert hub.calls == ["datasets/manifest.json"]  # everything present with the right size: skipped
+    (tmp_path / "datasets/fineweb10B_sp1024/fineweb_train_000001.bin").write_bytes(b"short")
+    ccf.fetch_all("sp1024", 3, tmp_path, download=hub, log=lambda m: None)
+    assert hub.calls[-1].endswith("fineweb_train_000001.bin")  # a wrong size is fetched again
+
+
+def test_size_mismatch_after_download_is_an_error(tmp_path):
+    hub = FakeHub(lie="datasets/fineweb10B_sp1024/fineweb_val_000000.bin")
+    with pytest.raises(ccf.DownloadError, match="got 31 bytes, the manifest says 30"):
+        ccf.fetch_all("sp1024", 1, tmp_path, download=hub, log=lambda m: None)
+    assert not (tmp_path / "datasets/fineweb10B_sp1024/fineweb_val_000000.bin").exists()
+
+
+def test_unreachable_hub_is_a_one_line_error(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there
+    r = subprocess.run(["python3", str(ROOT / "data" / "cached_challenge_fineweb.py"), "--root", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: cannot fetch") and "Traceback" not in r.stderr
+
+
+def test_build_shards_from_jsonl_xz_with_a_trained_tokenizer(tmp_path):
+    docs = make_docs(120, seed=5)
+    with lzma.open(tmp_path / "docs.jsonl.xz", "wt", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d, "src": "gen"}) + "\n")
+    out = tmp_path / "out"
+    rc = build_shards.main(["--input", str(tmp_path / "docs.jsonl.xz"), "--out", str(out), "--train-tokenizer",
+                            "--vocab-size", "300", "--val-docs", "20", "--shard-tokens", "1500", "--workers", "2"])
+    assert rc == 0
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer_300_bpe.model"))
+    assert sp.vocab_size() == 300 and sp.bos_id() == 1 and sp.is_byte(4)
+    val = np.concatenate([tg.read_shard(str(p)) for p in sorted(out.glob("fineweb_val_*.bin"))])
+    train_files = sorted(out.glob("fineweb_train_*.bin"))
+    assert len(train_files) > 1 and all(len(tg.read_shard(str(p))) <= 1500 for p in train_files)
+    train = np.concatenate([tg.read_shard(str(p)) for p in train_files])
+    assert (val == 1).sum() == 20 and (train == 1).sum() == 100  # BOS before every document
+    expect = [t for d in docs[:20] for t in [1] + sp.encode(d)]
+    np.testing.assert_array_equal(val, expect)
+    for p in train_files:  # no document straddles two shards
+        assert tg.read_shard(str(p))[0] == 1
+
+
+def test_build_shards_reads_txt_folders_and_rejects_bad_jsonl(tmp_path):
+    (tmp_path / "t").mkdir()
+    for i, d in enumerate(make_docs(5)):
+        (tmp_path / "t" / f"{i}.txt").write_text(d)
+    assert list(build_shards.iter_documents([str(tmp_path / "t")])) == make_docs(5)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        list(build_shards.iter_documents([str(tmp_path / "bad.jsonl")]))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_proxy_script_runs_and_summarises(tmp_path, dataset, tokenizer, nproc):
+    shared = tmp_path / "shared"
+    (shared / "proxy_train").mkdir(parents=True)
+    for i, src in enumerate(sorted(dataset.glob("fineweb_train_*.bin"))):
+        (shared / "proxy_train" / f"proxy_train_{i:06d}.bin.xz").write_bytes(lzma.compress(src.read_bytes()))
+    (shared / "fineweb_val_000000.bin").write_bytes((dataset / "fineweb_val_000000.bin").read_bytes())
+    (shared / "fineweb_1024_bpe.model").write_bytes(open(tokenizer, "rb").read())
+    env = {**os.environ, **TINY_ENV, "NPROC": str(nproc), "PROXY_SECONDS": "3", "PROXY_DATA_DIR": str(tmp_path / "pd"),
+           "RUN_ID": f"proxy_test_{nproc}", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(ROOT / "eval" / "proxy.sh"), str(shared)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    assert "sliding_bpb:" in summary and "n/a" not in summary.split("opt_ms")[1]
+    log = parse_log(str(ROOT / "logs" / f"proxy_test_{nproc}.txt"))
+    assert log["hparams"]["train_batch_tokens"] == 98304 * nproc and log["hparams"]["max_wallclock_seconds"] == 3
+    for f in (ROOT / "logs").glob(f"proxy_test_{nproc}*"):
+        f.unlink()

@@ -1,0 +1,103 @@
+"""Turn run logs (one per seed) into a submission folder records/<YYYY-MM-DD>_<name>/.
+
+    python3 tools/make_record.py --name 11L_Int6_QAT --author "A. Person" --github-id aperson \\
+        --blurb "11 layers, int6 + brotli, late QAT" --record-loss 1.8967 logs/seed1337.txt logs/seed42.txt ...
+
+The score of a run is its final_int6_sliding_window_exact line. With several seeds it prints the mean, the
+std and a one-sided t-test of "mean val_loss < record_loss - 0.005 nats" (the challenge asks for p < 0.01).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from logs import parse_log  # noqa: E402
+
+REQUIRED = ("sliding_loss", "sliding_bpb", "total_bytes", "hparams")
+
+
+def gain_test(losses: list[float], record_loss: float, margin: float = 0.005) -> tuple[float, float]:
+    """One-sided one-sample t-test of mean(losses) < record_loss - margin: returns (t, p)."""
+    from scipy import stats
+    n = len(losses)
+    sd = statistics.stdev(losses)
+    if sd == 0:
+        return (math.inf, 0.0) if statistics.mean(losses) < record_loss - margin else (-math.inf, 1.0)
+    t = (record_loss - margin - statistics.mean(losses)) / (sd / math.sqrt(n))
+    return t, float(stats.t.sf(t, df=n - 1))
+
+
+def load_runs(paths: list[str]) -> list[dict]:
+    runs = []
+    for p in paths:
+        r = parse_log(p)
+        missing = [k for k in REQUIRED if k not in r]
+        if missing:
+            raise SystemExit(f"error: {p} lacks {', '.join(missing)}: not a finished train_gpt.py run")
+        runs.append(r)
+    return runs
+
+
+def build_record(runs, name, author, github_id, blurb, out_root: Path, date: str, record_loss=None) -> tuple[Path, dict]:
+    losses, bpbs = [r["sliding_loss"] for r in runs], [r["sliding_bpb"] for r in runs]
+    summary = {
+        "author": author, "github_id": github_id, "name": name, "blurb": blurb, "date": date,
+        "val_loss": statistics.mean(losses), "val_bpb": statistics.mean(bpbs),
+        "bytes_total": max(r["total_bytes"] for r in runs),
+        "seeds": [r["hparams"]["seed"] for r in runs],
+    }
+    stats_lines = [f"val_bpb mean {summary['val_bpb']:.5f}", f"val_loss mean {summary['val_loss']:.5f}"]
+    if len(runs) > 1:
+        summary["val_bpb_std"], summary["val_loss_std"] = statistics.stdev(bpbs), statistics.stdev(losses)
+        stats_lines += [f"val_bpb std {summary['val_bpb_std']:.5f}", f"val_loss std {summary['val_loss_std']:.5f}"]
+        if record_loss is not None:
+            t, p = gain_test(losses, record_loss)
+            summary.update(record_val_loss=record_loss, t_stat=t, p_value=p)
+            stats_lines.append(f"gain test vs record val_loss {record_loss:.5f} - 0.005 nats: t={t:.3f}, one-sided "
+                               f"p={p:.4g} ({'passes' if p < 0.01 else 'does not pass'} p < 0.01)")
+    folder = out_root / f"{date}_{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        shutil.copy(r["path"], folder / f"train_seed{r['hparams']['seed']}.log")
+    (folder / "submission.json").write_text(json.dumps(summary, indent=2) + "\n")
+    hp = runs[0]["hparams"]
+    rows = "\n".join(
+        f"| {r['hparams']['seed']} | {r.get('steps', 'n/a')} | {r.get('ms_per_step', float('nan')):.2f} | "
+        f"{r.get('pre_quant_bpb', float('nan')):.5f} | {r.get('roundtrip_bpb', float('nan')):.5f} | "
+        f"{r['sliding_loss']:.5f} | {r['sliding_bpb']:.5f} | {r['total_bytes']:,} |" for r in runs)
+    config = "\n".join(f"- {k.upper()}={v}" for k, v in sorted(hp.items()) if k not in ("seed", "run_id"))
+    (folder / "README.md").write_text(
+        f"# {name}\n\n{blurb}\n\nAuthor: {author} (@{github_id}), {date}.\n\n## Results\n\n"
+        "| seed | steps | ms/step | pre-quant bpb | int6 roundtrip bpb | sliding val_loss | sliding val_bpb | bytes |\n"
+        "|---|---|---|---|---|---|---|---|\n" + rows + "\n\n" + "\n".join(f"- {s}" for s in stats_lines) +
+        f"\n\n## Configuration (from the first log)\n\n{config}\n")
+    return folder, {"lines": stats_lines, **summary}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("logs", nargs="+")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--author", required=True)
+    ap.add_argument("--github-id", required=True)
+    ap.add_argument("--blurb", default="")
+    ap.add_argument("--record-loss", type=float, help="the standing record's val_loss (nats) for the gain test")
+    ap.add_argument("--date", default=datetime.date.today().isoformat())
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "records"))
+    a = ap.parse_args(argv)
+    folder, result = build_record(load_runs(a.logs), a.name, a.author, a.github_id, a.blurb, Path(a.out), a.date,
+                                  a.record_loss)
+    print("\n".join(result["lines"]))
+    print(f"wrote {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
