@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import io
 import json
 import math
 import os
@@ -949,6 +948,7 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
     ema = [p.detach().clone() for p in params] if hp.ema_frac > 0 else None
     swa, swa_count, swa_slot = None, 0, -1
     qat_on, nonfinite = False, torch.zeros((), device=device, dtype=torch.bool)
+    last_loss = torch.zeros((), device=device)
     step, train_ms, progress = 0, 0.0, 0.0
     tokens_per_step = hp.train_batch_tokens
     if device.type == "cuda":
@@ -956,12 +956,12 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
     t_start = time.perf_counter()
     while True:
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t_start)
+        if world > 1 and cap_ms > 0:  # every rank follows rank 0's clock: same LR, EMA decay and stop step
+            clock = torch.tensor(elapsed_ms, device=device, dtype=torch.float64)
+            dist.broadcast(clock, 0)
+            elapsed_ms = clock.item()
         new_progress = max(step / hp.iterations, elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
         stop = new_progress >= 1.0
-        if world > 1 and cap_ms > 0:  # ranks must agree on when the clock runs out
-            flag = torch.tensor(int(stop), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
         if ema is not None and step > 0:
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - ema_decay(new_progress - progress, hp.ema_frac))
         progress = min(new_progress, 1.0)
@@ -1010,6 +1010,12 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
     with torch.no_grad():
         for p, f in zip(params, final):
             p.copy_(f)
+        if world > 1:  # a digest of the final weights: every rank must hold the same model
+            digest = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params]).sum(0)
+            lo, hi = digest.clone(), digest.clone()
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+            log(f"ranks_in_sync:{int(torch.equal(lo, hi))}")
     set_qat(False)
     return model
 

@@ -33,3 +33,14 @@ def test_an_artifact_scores_the_same_on_any_number_of_processes(runs, tmp_path, 
     ref, got = parse_log(str(runs[1] / "logs" / "t.txt")), parse_log(str(tmp_path / "logs" / "multi.txt"))
     for key in ("roundtrip_bpb", "sliding_bpb", "sliding_loss"):
         assert got[key] == pytest.approx(ref[key], abs=1e-6)
+
+
+def test_ranks_follow_one_clock_under_a_wallclock_cap(tmp_path, dataset, tokenizer):
+    """With MAX_WALLCLOCK_SECONDS the schedule runs on rank 0's clock: the ranks end with identical weights,
+    so rank 0's artifact is what every rank scored before export."""
+    r = run_train(tmp_path, dataset, tokenizer, nproc=2, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=4,
+                  COMPRESSOR="zstd", GRAD_ACCUM_STEPS=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = parse_log(str(tmp_path / "logs" / "t.txt"))
+    assert log["train_s"] >= 4.0 and log["steps"] > 2
+    assert "ranks_in_sync:1" in r.stdout

@@ -32,12 +32,10 @@ def parse_log(path: str) -> dict:
     text = open(path, encoding="utf-8").read()
     out: dict = {"path": path, "train_curve": [], "val_curve": []}
     for key, pat in _PATTERNS.items():
-        m = None
-        for m in re.finditer(pat, text):
-            pass  # keep the last match
-        if m is None:
+        matches = list(re.finditer(pat, text))
+        if not matches:
             continue
-        g = m.groups()
+        g = matches[-1].groups()  # the last one: a size fit may export several times
         if key == "hparams":
             out["hparams"] = json.loads(g[0])
         elif key == "steps":
