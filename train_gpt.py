@@ -772,9 +772,11 @@ class Logger:
         self.file.flush()
 
 
-def select_attention(requested: str, device: torch.device, hp: Hyperparameters, log) -> str:
-    """Pick the attention implementation: FA3 if importable, else the fastest working SDPA kernel (timed)."""
+def select_attention(requested: str, device: torch.device, hp: Hyperparameters, batch_seqs: int, log) -> str:
+    """Pick the attention implementation: FA3 if importable, else the SDPA kernel with the least median
+    forward+backward time at the training shapes (batch_seqs sequences per micro-step)."""
     if device.type != "cuda":
+        log("attention: torch SDPA on CPU")
         return "sdpa"
     if requested in ("auto", "fa3"):
         try:
@@ -788,27 +790,29 @@ def select_attention(requested: str, device: torch.device, hp: Hyperparameters, 
     kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     names = list(kernels)[:3] if requested == "auto" else [requested]
-    hd, T, B = hp.model_dim // hp.num_heads, hp.train_seq_len, 8
+    hd, T, B = hp.model_dim // hp.num_heads, hp.train_seq_len, batch_seqs
     q = torch.randn(B, T, hp.num_heads, hd, device=device, dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(B, T, hp.num_kv_heads, hd, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    timings = {}
+    timings, failure = {}, "none ran"
     for name in names:
         for impl in ("sdpa", "sdpa_expand"):
             try:
                 with sdpa_kernel(kernels[name]), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # kernels that cannot take these inputs warn, then raise
-                    for it in range(8):
-                        if it == 3:
-                            torch.cuda.synchronize()
-                            t0 = time.perf_counter()
+                    times = []
+                    for it in range(13):  # 3 warm-up calls, then the median of 10
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
                         attention(q, k, v, impl).sum().backward()
-                    torch.cuda.synchronize()
-                timings[(name, impl)] = (time.perf_counter() - t0) / 5 * 1000
-            except Exception:  # a kernel that cannot take these shapes or dtypes says so in various ways
-                continue
+                        end.record()
+                        end.synchronize()
+                        times.append(start.elapsed_time(end))
+                timings[(name, impl)] = float(np.median(times[3:]))
+            except Exception as e:  # a kernel that cannot take these shapes or dtypes says so in various ways
+                failure = f"{name}/{impl}: {type(e).__name__}: {str(e)[:200]}"
     if not timings:
-        raise ConfigError(f"no SDPA kernel among {names} runs on this GPU")
-    log("attention timings (fwd+bwd ms, B=8): " + ", ".join(f"{n}/{i}:{t:.2f}" for (n, i), t in timings.items()))
+        raise ConfigError(f"no SDPA kernel among {names} runs on this GPU (last failure {failure})")
+    log(f"attention timings (fwd+bwd median ms, B={B}): " + ", ".join(f"{n}/{i}:{t:.2f}" for (n, i), t in timings.items()))
     name, impl = min(timings, key=timings.get)
     for other, setter in (("cudnn", torch.backends.cuda.enable_cudnn_sdp), ("flash", torch.backends.cuda.enable_flash_sdp),
                           ("efficient", torch.backends.cuda.enable_mem_efficient_sdp), ("math", torch.backends.cuda.enable_math_sdp)):
@@ -872,11 +876,16 @@ def score_artifact(path: str, code_bytes: int, ev: EvalContext):
            f"(model {artifact_bytes} + code {code_bytes})")
 
 
-def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log, ev: EvalContext):
+def grad_accum_steps(hp: Hyperparameters, world: int) -> int:
     accum = hp.grad_accum_steps or max(1, 8 // world)
     if hp.train_batch_tokens % (world * accum * hp.train_seq_len):
         raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must divide into {world} ranks x {accum} "
                           f"micro-steps x TRAIN_SEQ_LEN={hp.train_seq_len}")
+    return accum
+
+
+def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log, ev: EvalContext):
+    accum = grad_accum_steps(hp, world)
     loader = TrainLoader(list_shards(hp.data_path, "train"), rank, world, accum, hp.train_batch_tokens, hp.train_seq_len, device)
     model = build_model(hp, device, attn_impl)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} world_size:{world} grad_accum_steps:{accum}")
@@ -1037,7 +1046,8 @@ def main():
     if hp.eval_artifact:
         config, _ = read_artifact(artifact)  # fail fast on a bad file; the model shape comes from the artifact
         hp = dataclasses.replace(hp, **config)
-    attn_impl = select_attention(hp.attn_backend, device, hp, log)
+    micro_batch = hp.train_batch_tokens // (world * grad_accum_steps(hp, world) * hp.train_seq_len)
+    attn_impl = select_attention(hp.attn_backend, device, hp, micro_batch, log)
     ev = EvalContext(hp, rank, world, device, attn_impl, log)
     if not hp.eval_artifact:
         model = train(hp, rank, world, device, attn_impl, log, ev)

@@ -61,3 +61,11 @@ def test_nan_loss_stops_the_run(tmp_path, dataset, tokenizer):
     r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=8, MATRIX_LR="1e30", TIED_EMBED_LR="1e30", SCALAR_LR="1e30",
                   GRAD_CLIP_NORM="0")
     assert r.returncode == 2 and "non-finite train loss" in r.stderr
+
+
+def test_swa_replaces_ema_when_on(tmp_path, dataset, tokenizer):
+    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=40, SWA_ENABLED=1, SWA_EVERY_FRAC=0.05, COMPRESSOR="zstd")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # LR scale < 0.2 over the last 0.2 * 0.49 of 40 steps = steps 37-40, one snapshot per 2 steps
+    n = int(re.search(r"swa: averaged (\d+) snapshots", r.stdout)[1])
+    assert 2 <= n <= 3
