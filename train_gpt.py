@@ -800,7 +800,7 @@ def select_attention(requested: str, device: torch.device, hp: Hyperparameters, 
                 with sdpa_kernel(kernels[name]), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # kernels that cannot take these inputs warn, then raise
                     times = []
-                    for it in range(13):  # 3 warm-up calls, then the median of 10
+                    for _ in range(13):  # 3 warm-up calls, then the median of 10
                         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                         start.record()
                         attention(q, k, v, impl).sum().backward()
