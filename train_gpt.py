@@ -32,7 +32,7 @@ class Hyperparameters:
     # data and run
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    run_id: str = ""  # "" -> a timestamp
+    run_id: str = ""  # "" -> run_<timestamp>_<pid of rank 0>
     seed: int = 1337
     vocab_size: int = 1024
     # schedule; every phase is a fraction of the run (wallclock or ITERATIONS, whichever ends first)
@@ -117,7 +117,7 @@ class Hyperparameters:
                 raise ConfigError(f"{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         hp = cls(**kw)
         if not hp.run_id:
-            hp.run_id = time.strftime("run_%Y%m%d_%H%M%S")
+            hp.run_id = time.strftime("run_%Y%m%d_%H%M%S") + f"_{os.getpid()}"
         return hp
 
     @property
@@ -1032,6 +1032,10 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
 def main():
     hp = Hyperparameters.from_env()
     rank, world, device = setup_distributed()
+    if world > 1:  # a default RUN_ID is a timestamp: every rank takes rank 0's, so they share logs and artifact
+        shared = [hp.run_id]
+        dist.broadcast_object_list(shared, src=0)
+        hp.run_id = shared[0]
     log = Logger(f"logs/{hp.run_id}.txt" if rank == 0 else None)
     log(f"command: {' '.join(sys.argv)}")
     log("hyperparameters: " + json.dumps(dataclasses.asdict(hp), sort_keys=True))

@@ -44,3 +44,10 @@ def test_ranks_follow_one_clock_under_a_wallclock_cap(tmp_path, dataset, tokeniz
     log = parse_log(str(tmp_path / "logs" / "t.txt"))
     assert log["train_s"] >= 4.0 and log["steps"] > 2
     assert "ranks_in_sync:1" in r.stdout
+
+
+def test_ranks_share_the_default_run_id(tmp_path, dataset, tokenizer):
+    """Without RUN_ID each rank would make its own run_<time>_<pid> name; all must use rank 0's."""
+    r = run_train(tmp_path, dataset, tokenizer, nproc=2, ITERATIONS=2, COMPRESSOR="zstd", GRAD_ACCUM_STEPS=1, RUN_ID="")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "logs").glob("run_*.int6.ptz"))) == 1
