@@ -877,15 +877,14 @@ def score_artifact(path: str, code_bytes: int, ev: EvalContext):
 
 
 def grad_accum_steps(hp: Hyperparameters, world: int) -> int:
-    accum = hp.grad_accum_steps or max(1, 8 // world)
-    if hp.train_batch_tokens % (world * accum * hp.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must divide into {world} ranks x {accum} "
-                          f"micro-steps x TRAIN_SEQ_LEN={hp.train_seq_len}")
-    return accum
+    return hp.grad_accum_steps or max(1, 8 // world)
 
 
 def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log, ev: EvalContext):
     accum = grad_accum_steps(hp, world)
+    if hp.train_batch_tokens % (world * accum * hp.train_seq_len):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must divide into {world} ranks x {accum} "
+                          f"micro-steps x TRAIN_SEQ_LEN={hp.train_seq_len}")
     loader = TrainLoader(list_shards(hp.data_path, "train"), rank, world, accum, hp.train_batch_tokens, hp.train_seq_len, device)
     model = build_model(hp, device, attn_impl)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} world_size:{world} grad_accum_steps:{accum}")
@@ -1050,7 +1049,7 @@ def main():
     if hp.eval_artifact:
         config, _ = read_artifact(artifact)  # fail fast on a bad file; the model shape comes from the artifact
         hp = dataclasses.replace(hp, **config)
-    micro_batch = hp.train_batch_tokens // (world * grad_accum_steps(hp, world) * hp.train_seq_len)
+    micro_batch = max(1, hp.train_batch_tokens // (world * grad_accum_steps(hp, world) * hp.train_seq_len))
     attn_impl = select_attention(hp.attn_backend, device, hp, micro_batch, log)
     ev = EvalContext(hp, rank, world, device, attn_impl, log)
     if not hp.eval_artifact:
