@@ -737,13 +737,14 @@ def evaluate(model, tokens: Tensor, tables, seq_len: int, stride: int, batch_seq
     pos = torch.arange(seq_len, device=device)
     for i in range(0, len(chunks), batch_seqs):
         batch = chunks[i:i + batch_seqs]
-        batch = batch + [batch[-1]] * (batch_seqs - len(batch))  # fixed shape for the compiled model
+        n_real = len(batch)
+        batch = batch + [batch[-1]] * (batch_seqs - n_real)  # fixed shape for the compiled model
         ends = torch.tensor([e for _, e in batch], device=device)
         scored_from = torch.tensor([s for s, _ in batch], device=device)
         starts = (ends - seq_len).clamp_min(0)
         idx = starts[:, None] + pos
         mask = (idx >= scored_from[:, None]) & (idx < ends[:, None])
-        mask[len(chunks[i:i + batch_seqs]):] = False
+        mask[n_real:] = False
         idx = idx.clamp_max(tokens.numel() - 2)
         x, y = tokens[idx], tokens[idx + 1]
         losses = model(x, y, per_token=True).double()
@@ -953,12 +954,12 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             opt.load_state_dict(st)
         loader = TrainLoader(loader.stream.files, rank, world, accum, hp.train_batch_tokens, hp.train_seq_len, device)
 
-    ema = [p.detach().clone() for p in params] if hp.ema_frac > 0 else None
+    weights = [p.detach() for p in params]  # views that follow the in-place optimiser updates
+    ema = [w.clone() for w in weights] if hp.ema_frac > 0 else None
     swa, swa_count, swa_slot = None, 0, -1
     qat_on, nonfinite = False, torch.zeros((), device=device, dtype=torch.bool)
     last_loss = torch.zeros((), device=device)
     step, train_ms, progress = 0, 0.0, 0.0
-    tokens_per_step = hp.train_batch_tokens
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_start = time.perf_counter()
@@ -971,14 +972,15 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
         new_progress = max(step / hp.iterations, elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
         stop = new_progress >= 1.0
         if ema is not None and step > 0:
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - ema_decay(new_progress - progress, hp.ema_frac))
+            torch._foreach_lerp_(ema, weights, 1.0 - ema_decay(new_progress - progress, hp.ema_frac))
         progress = min(new_progress, 1.0)
         scale = lr_scale(progress, hp.warmdown_frac)
         if hp.swa_enabled and scale < hp.swa_start_scale and int(progress / hp.swa_every_frac) != swa_slot:
             swa_slot = int(progress / hp.swa_every_frac)
-            swa = [p.detach().clone() for p in params] if swa is None else swa
-            if swa_count:
-                torch._foreach_add_(swa, [p.detach() for p in params])
+            if swa is None:
+                swa = [w.clone() for w in weights]
+            else:
+                torch._foreach_add_(swa, weights)
             swa_count += 1
         is_log = step % hp.train_log_every == 0 or step <= 10 or stop
         if is_log and step > 0:
@@ -990,7 +992,7 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             avg = elapsed_ms / step
             eta = (cap_ms - elapsed_ms) / 1000 if cap_ms > 0 else (hp.iterations - step) * avg / 1000
             log(f"step:{step}/{hp.iterations} train_loss:{stats[0].item() / world:.4f} train_time:{elapsed_ms / 1000:.1f}s "
-                f"step_avg:{avg:.2f}ms tok/s:{tokens_per_step / avg * 1000:,.0f} lr_scale:{scale:.3f} eta:{max(eta, 0):.0f}s")
+                f"step_avg:{avg:.2f}ms tok/s:{hp.train_batch_tokens / avg * 1000:,.0f} lr_scale:{scale:.3f} eta:{max(eta, 0):.0f}s")
         if hp.val_loss_every > 0 and step > 0 and (step % hp.val_loss_every == 0 or stop):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -1011,7 +1013,7 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
         torch.cuda.synchronize()
         log(f"peak_memory:{torch.cuda.max_memory_allocated() // 2**20}MiB")
     log(f"training done: {step} steps in {elapsed_ms / 1000:.1f}s ({elapsed_ms / max(step, 1):.2f} ms/step)")
-    final = ema if ema is not None else [p.detach() for p in params]
+    final = ema if ema is not None else weights
     if swa_count:
         final = [s / swa_count for s in swa]
         log(f"swa: averaged {swa_count} snapshots")

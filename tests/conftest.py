@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,8 +62,3 @@ def run_train(tmp_path: Path, dataset: Path, tokenizer: str, args=(), nproc=0, *
     else:
         cmd = [sys.executable, str(ROOT / "train_gpt.py")]
     return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=600)
-
-
-def shard_tokens(path) -> np.ndarray:
-    import train_gpt
-    return train_gpt.read_shard(str(path))
