@@ -7,6 +7,8 @@ config, data, model, optimizer, quantization/export, evaluation, main.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import glob
 import json
@@ -69,8 +71,12 @@ class Hyperparameters:
     bigram_dim: int = 128
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
-    attn_backend: str = "auto"  # auto | fa3 | flash | cudnn | efficient | math
+    attn_backend: str = "auto"  # auto (fastest correct at start-up) | fa3 | cudnn | flash | efficient | math
     torch_compile: bool = True
+    inductor_tuning: bool = False  # coordinate-descent tuning of inductor's fused kernels (longer compile)
+    phase_timing: bool = False  # CUDA events per step phase, reported at log steps
+    profile: bool = False  # torch.profiler over the last warm-up steps: kernel time by category in the log
+    clock_sync_every: int = 10  # multi-GPU wallclock runs read rank 0's clock every this many steps
     # optimizer
     matrix_lr: float = 0.025
     tied_embed_lr: float = 0.035
@@ -79,6 +85,7 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_frac: float = 0.21
     muon_backend_steps: int = 5
+    muon_backend: str = "newton_schulz"  # newton_schulz | polar_express (per-step coefficients)
     muon_wd: float = 0.04
     adam_wd: float = 0.04
     beta1: float = 0.9
@@ -192,22 +199,38 @@ class TokenStream:
 
 
 class TrainLoader:
-    """Each step reads one global batch; rank r, micro-step m gets slice m * world + r (disjoint, covering)."""
+    """Each step reads one global batch; rank r, micro-step m gets slice m * world + r (disjoint, covering).
+    A worker thread reads and pins the next step's tokens while the GPU runs this one."""
 
     def __init__(self, files, rank, world, accum, batch_tokens, seq_len, device):
-        self.stream, self.rank, self.world, self.accum = TokenStream(files), rank, world, accum
+        self.files, self.rank, self.world, self.accum = files, rank, world, accum
         self.seq_len, self.device = seq_len, device
         self.local_tokens = batch_tokens // (world * accum)
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.reset()
 
-    def next_step(self) -> list[tuple[Tensor, Tensor]]:
+    def reset(self):
+        """Back to the first token of the first shard."""
+        if hasattr(self, "pending"):
+            self.pending.result()
+        self.stream = TokenStream(self.files)
+        self.pending = self.worker.submit(self._read_step)
+
+    def _read_step(self) -> list[Tensor]:
         span = self.local_tokens + 1
         chunk = self.stream.take(span * self.world * self.accum)
         out = []
         for m in range(self.accum):
             i = m * self.world + self.rank
             buf = torch.from_numpy(chunk[i * span:(i + 1) * span].astype(np.int64))
-            if self.device.type == "cuda":
-                buf = buf.pin_memory().to(self.device, non_blocking=True)
+            out.append(buf.pin_memory() if self.device.type == "cuda" else buf)
+        return out
+
+    def next_step(self) -> list[tuple[Tensor, Tensor]]:
+        host, self.pending = self.pending.result(), self.worker.submit(self._read_step)
+        out = []
+        for buf in host:
+            buf = buf.to(self.device, non_blocking=True)
             out.append((buf[:-1].view(-1, self.seq_len), buf[1:].view(-1, self.seq_len)))
         return out
 
@@ -468,78 +491,160 @@ def quantized_linears(model: GPT, min_numel: int) -> list[CastedLinear]:
 
 
 # -------------------------------------------------------------------------------------------------------- optimizer
-def newton_schulz(G: Tensor, steps: int) -> Tensor:
-    """Approximate the orthogonal polar factor of each matrix in a (N, m, n) batch (quintic Newton-Schulz)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+QUINTIC_COEFFS = {  # odd quintic a*x + b*x^3 + c*x^5 per step; the last triple repeats beyond its list
+    "newton_schulz": ((3.4445, -4.7750, 2.0315),),
+    # Polar Express (Amsel et al. 2025): each step minimax-optimal on the interval the previous one leaves
+    "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def orthogonalize(G: Tensor, steps: int, method: str = "newton_schulz") -> Tensor:
+    """Approximate the orthogonal polar factor of each matrix in a (N, m, n) batch, in bf16."""
+    coeffs = QUINTIC_COEFFS[method]
     X = G.bfloat16()
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)  # singular values <= 1, with a bf16 margin
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
 
 
+def attach_grad_buffer(params: list[Tensor], shape: tuple) -> Tensor:
+    """A zeroed fp32 buffer whose slices are the params' .grad: backward accumulates straight into it, so a
+    group is reduced, clipped and zeroed as one tensor. `shape` is (slots, *param shape) for a bank of
+    same-shape matrices (spare slots stay zero) or (total numel,) for a flat buffer."""
+    buf = torch.zeros(shape, device=params[0].device, dtype=torch.float32)
+    offset = 0
+    for i, p in enumerate(params):
+        p.grad = buf[i] if buf.dim() > 1 else buf[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return buf
+
+
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then each update orthogonalised by Newton-Schulz; same-shape matrices are batched and
-    split across ranks, which all-gather the results. Decoupled weight decay. Gradients arrive averaged."""
+    """Muon on parameter banks: the matrices of one shape share a gradient bank (N, m, n), N padded to a
+    multiple of the world size. Each rank reduce-scatters a bank, applies Nesterov momentum to its slice and
+    orthogonalises it with batched matmuls; the updates are all-gathered. Decoupled weight decay.
+    Use: reduce_grads(), then step(grad_scale), then finish()."""
 
-    def __init__(self, params, lr, momentum, ns_steps, wd, rank=0, world=1, compile_ns=False):
+    def __init__(self, params, lr, momentum, ns_steps, wd, method="newton_schulz", world=1, compile_ns=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, wd=wd))
-        self.ns_steps, self.rank, self.world = ns_steps, rank, world
-        self.orthogonalize = torch.compile(newton_schulz, dynamic=False) if compile_ns else newton_schulz
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, mom, wd = group["lr"], group["momentum"], group["wd"]
+        self.ns_steps, self.method, self.world = ns_steps, method, world
+        self.orthogonalize = torch.compile(orthogonalize, dynamic=False) if compile_ns else orthogonalize
+        self.banks, self.pending = [], []  # banks: (group index, params, grad bank, this rank's summed slice)
+        for gi, group in enumerate(self.param_groups):
             by_shape: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
-                if p.grad is not None:
-                    by_shape.setdefault(tuple(p.shape), []).append(p)
-            for shape, params in by_shape.items():
-                grads = [p.grad for p in params]
-                for p in params:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                bufs = [self.state[p]["momentum_buffer"] for p in params]
-                torch._foreach_mul_(bufs, mom)
-                torch._foreach_add_(bufs, grads)
-                updates = torch._foreach_add(grads, bufs, alpha=mom)
-                per_rank = -(-len(params) // self.world)
-                mine = updates[self.rank * per_rank:(self.rank + 1) * per_rank]
-                G = torch.zeros((per_rank, *shape), device=params[0].device, dtype=torch.float32)
-                if mine:
-                    G[:len(mine)] = torch.stack(mine)
-                O = self.orthogonalize(G, self.ns_steps).float() * max(1.0, shape[0] / shape[1]) ** 0.5
-                if self.world > 1:
-                    gathered = torch.empty((self.world * per_rank, *shape), device=O.device, dtype=O.dtype)
-                    dist.all_gather_into_tensor(gathered, O.contiguous())
-                    O = gathered
-                if wd:
-                    torch._foreach_mul_(params, 1.0 - lr * wd)
-                torch._foreach_add_(params, list(O[:len(params)].unbind(0)), alpha=-lr)
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+            for shape, ps in by_shape.items():
+                per_rank = -(-len(ps) // world)
+                bank = attach_grad_buffer(ps, (per_rank * world, *shape))
+                self.banks.append((gi, ps, bank, bank.new_zeros((per_rank, *shape)) if world > 1 else bank))
+
+    def reduce_grads(self) -> list:
+        """Start summing the banks over ranks into each rank's slice (async handles)."""
+        if self.world == 1:
+            return []
+        return [REDUCE_SCATTER(mine, bank, async_op=True) for _, _, bank, mine in self.banks]
+
+    def local_sq_norm(self) -> Tensor:
+        return sum(mine.square().sum() for *_, mine in self.banks)
+
+    @torch.no_grad()
+    def step(self, grad_scale: Tensor):
+        """Momentum and orthogonalisation of this rank's slices; starts the all-gathers."""
+        for gi, ps, bank, mine in self.banks:
+            group, state = self.param_groups[gi], self.state[ps[0]]
+            if "momentum" not in state:
+                state["momentum"] = torch.zeros_like(mine)
+            buf, g = state["momentum"], mine * grad_scale
+            buf.mul_(group["momentum"]).add_(g)
+            O = self.orthogonalize(g.add_(buf, alpha=group["momentum"]), self.ns_steps, self.method)
+            if self.world > 1:
+                full = O.new_empty(bank.shape)
+                self.pending.append((full, ALL_GATHER(full, O, async_op=True)))
+            else:
+                self.pending.append((O, None))
+
+    @torch.no_grad()
+    def finish(self, mark=lambda phase: None):
+        """Wait for the gathered updates, then apply them."""
+        for _, handle in self.pending:
+            if handle is not None:
+                handle.wait()
+        mark("comm")
+        for (gi, ps, _, _), (O, _) in zip(self.banks, self.pending):
+            group, (m, n) = self.param_groups[gi], ps[0].shape
+            lr = group["lr"]
+            if group["wd"]:
+                torch._foreach_mul_(ps, 1.0 - lr * group["wd"])
+            torch._foreach_add_(ps, list(O[:len(ps)].float().unbind(0)), alpha=-lr * max(1.0, m / n) ** 0.5)
+        self.pending = []
 
 
-def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world: int, compile_ns: bool):
-    """Muon for 2-D matrices, AdamW for embedding tables (embed LR) and for scalars/gates/vectors (scalar LR)."""
-    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear)]
-    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    taken = {id(p) for p in matrices + tables}
-    scalars = [p for p in model.parameters() if id(p) not in taken]
-    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd)
-    if next(model.parameters()).is_cuda:
-        adam["fused"] = True
-    opts = [
-        Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd, rank, world, compile_ns),
-        torch.optim.AdamW([{"params": tables, "lr": hp.tied_embed_lr}, {"params": scalars, "lr": hp.scalar_lr}], **adam),
-    ]
-    for opt in opts:
-        for g in opt.param_groups:
+class Optimizers:
+    """Muon for the block matrices, AdamW for embedding tables (embed LR) and scalars/gates/vectors (scalar
+    LR). Every gradient lives in a preallocated buffer: one step sums them over ranks (Muon banks
+    reduce-scattered, the AdamW buffer all-reduced), clips by the global norm, and updates. No host sync."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, rank: int, world: int, compile_ns: bool):
+        matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear)]
+        tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+        taken = {id(p) for p in matrices + tables}
+        scalars = [p for p in model.parameters() if id(p) not in taken]
+        self.hp, self.rank, self.world = hp, rank, world
+        self.muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
+                         hp.muon_backend, world, compile_ns)
+        self.adam_grads = attach_grad_buffer(tables + scalars, (sum(p.numel() for p in tables + scalars),))
+        self.adam = torch.optim.AdamW([{"params": tables, "lr": hp.tied_embed_lr}, {"params": scalars, "lr": hp.scalar_lr}],
+                                      betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
+                                      fused=self.adam_grads.is_cuda)
+        for g in self.muon.param_groups + self.adam.param_groups:
             g["base_lr"] = g["lr"]
-    return opts
+
+    def step(self, lr_scale: float, momentum: float, mark=lambda phase: None):
+        for g in self.muon.param_groups + self.adam.param_groups:  # load_state_dict replaces the group dicts
+            g["lr"] = g["base_lr"] * lr_scale
+        for g in self.muon.param_groups:
+            g["momentum"] = momentum
+        handles = self.muon.reduce_grads()
+        if self.world > 1:
+            handles.append(dist.all_reduce(self.adam_grads, async_op=True))
+        for h in handles:
+            h.wait()
+        mark("comm")
+        # the buffers hold sums over ranks; the AdamW buffer is the same on every rank, so rank 0 counts it
+        sq = self.muon.local_sq_norm() + (self.adam_grads.square().sum() if self.rank == 0 else 0.0)
+        if self.world > 1:
+            dist.all_reduce(sq)
+        grad_scale = torch.full_like(sq, 1.0 / self.world)
+        if self.hp.grad_clip_norm > 0:
+            grad_scale *= (self.hp.grad_clip_norm / (sq.sqrt() / self.world + 1e-6)).clamp(max=1.0)
+        self.adam_grads.mul_(grad_scale)
+        self.muon.step(grad_scale)
+        self.adam.step()
+        mark("optimizer")
+        self.muon.finish(mark)
+        for buf in [bank for _, _, bank, _ in self.muon.banks] + [self.adam_grads]:
+            buf.zero_()
+        mark("optimizer")
+
+    def state_dict(self) -> list[dict]:
+        return [self.muon.state_dict(), self.adam.state_dict()]
+
+    def load_state_dict(self, states: list[dict]):
+        self.muon.load_state_dict(states[0])
+        self.adam.load_state_dict(states[1])
 
 
 def lr_scale(progress: float, warmdown_frac: float) -> float:
@@ -604,12 +709,15 @@ CODECS = {"zstd": 1, "brotli": 2}
 
 
 def compress(raw: bytes, codec: str) -> bytes:
-    if codec == "zstd":
-        import zstandard
-        return zstandard.ZstdCompressor(level=22).compress(raw)
-    if codec == "brotli":
-        import brotli
-        return brotli.compress(raw, quality=11)
+    try:
+        if codec == "zstd":
+            import zstandard
+            return zstandard.ZstdCompressor(level=22).compress(raw)
+        if codec == "brotli":
+            import brotli
+            return brotli.compress(raw, quality=11)
+    except ImportError as e:
+        raise ConfigError(f"COMPRESSOR={codec} needs the {e.name} package (pip install -r requirements.txt)") from None
     raise ConfigError(f"COMPRESSOR={codec!r}: use zstd or brotli")
 
 
@@ -773,52 +881,71 @@ class Logger:
         self.file.flush()
 
 
+def attention_candidates(requested: str) -> list[tuple[str, str, object]]:
+    """(label, attention impl, SDPA backend or None) for each implementation this machine can run."""
+    from torch.nn.attention import SDPBackend
+    kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    names = ["fa3", "cudnn", "flash", "efficient"] if requested == "auto" else [requested]
+    out = []
+    for name in names:
+        if name == "fa3":
+            try:
+                import flash_attn_interface  # noqa: F401
+                out.append(("fa3", "fa3", None))
+            except ImportError:
+                if requested != "auto":
+                    raise ConfigError("ATTN_BACKEND=fa3 but flash_attn_interface is not importable") from None
+        elif name in kernels:
+            out += [(f"{name}/{impl}", impl, kernels[name]) for impl in ("sdpa", "sdpa_expand")]
+        else:
+            raise ConfigError(f"ATTN_BACKEND={name!r} is not one of auto, fa3, {', '.join(kernels)}")
+    return out
+
+
 def select_attention(requested: str, device: torch.device, hp: Hyperparameters, batch_seqs: int, log) -> str:
-    """Pick the attention implementation: FA3 if importable, else the SDPA kernel with the least median
-    forward+backward time at the training shapes (batch_seqs sequences per micro-step)."""
+    """The attention implementation with the least median forward+backward time at the training shapes
+    (batch_seqs sequences per micro-step) among those whose output matches a float64 reference."""
     if device.type != "cuda":
         log("attention: torch SDPA on CPU")
         return "sdpa"
-    if requested in ("auto", "fa3"):
-        try:
-            import flash_attn_interface  # noqa: F401
-            log("attention: flash_attn_interface (FA3)")
-            return "fa3"
-        except ImportError:
-            if requested == "fa3":
-                raise ConfigError("ATTN_BACKEND=fa3 but flash_attn_interface is not importable") from None
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    names = list(kernels)[:3] if requested == "auto" else [requested]
     hd, T, B = hp.model_dim // hp.num_heads, hp.train_seq_len, batch_seqs
     q = torch.randn(B, T, hp.num_heads, hd, device=device, dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(B, T, hp.num_kv_heads, hd, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    timings, failure = {}, "none ran"
-    for name in names:
-        for impl in ("sdpa", "sdpa_expand"):
-            try:
-                with sdpa_kernel(kernels[name]), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # kernels that cannot take these inputs warn, then raise
-                    times = []
-                    for _ in range(13):  # 3 warm-up calls, then the median of 10
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        attention(q, k, v, impl).sum().backward()
-                        end.record()
-                        end.synchronize()
-                        times.append(start.elapsed_time(end))
-                timings[(name, impl)] = float(np.median(times[3:]))
-            except Exception as e:  # a kernel that cannot take these shapes or dtypes says so in various ways
-                failure = f"{name}/{impl}: {type(e).__name__}: {str(e)[:200]}"
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = attention(*(t[:1].detach().double() for t in (q, k, v)), "sdpa")
+    timings, notes = {}, []
+    for label, impl, backend in attention_candidates(requested):
+        try:
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # SDPA kernels that cannot take these inputs warn, then raise
+                err = ((attention(q, k, v, impl)[:1].double() - ref).norm() / ref.norm()).item()
+                times = []
+                for _ in range(13):  # 3 warm-up calls, then the median of 10
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    attention(q, k, v, impl).sum().backward()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+        except Exception as e:  # a kernel that cannot take these shapes or dtypes says so in various ways
+            notes.append(f"{label} failed ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        if err > 1e-2:
+            notes.append(f"{label} rejected (relative error {err:.1e})")
+            continue
+        timings[(label, impl)] = float(np.median(times[3:]))
+    log(f"attention timings (fwd+bwd median ms, B={B}): " + ", ".join(f"{n}:{t:.2f}" for (n, _), t in timings.items())
+        + "".join(f"; {n}" for n in notes))
     if not timings:
-        raise ConfigError(f"no SDPA kernel among {names} runs on this GPU (last failure {failure})")
-    log(f"attention timings (fwd+bwd median ms, B={B}): " + ", ".join(f"{n}/{i}:{t:.2f}" for (n, i), t in timings.items()))
-    name, impl = min(timings, key=timings.get)
-    for other, setter in (("cudnn", torch.backends.cuda.enable_cudnn_sdp), ("flash", torch.backends.cuda.enable_flash_sdp),
-                          ("efficient", torch.backends.cuda.enable_mem_efficient_sdp), ("math", torch.backends.cuda.enable_math_sdp)):
-        setter(other == name)
-    log(f"attention: torch SDPA {name} kernel, {'K/V expanded' if impl == 'sdpa_expand' else 'native GQA'}")
+        raise ConfigError(f"no attention implementation runs correctly on this GPU ({'; '.join(notes)})")
+    label, impl = min(timings, key=timings.get)
+    kernel = label.split("/")[0]
+    for name, setter in (("cudnn", torch.backends.cuda.enable_cudnn_sdp), ("flash", torch.backends.cuda.enable_flash_sdp),
+                         ("efficient", torch.backends.cuda.enable_mem_efficient_sdp), ("math", torch.backends.cuda.enable_math_sdp)):
+        setter(impl not in ("sdpa", "sdpa_expand") or name == kernel)
+    log(f"attention: {label}")
     return impl
 
 
@@ -841,6 +968,9 @@ def build_model(hp: Hyperparameters, device: torch.device, attn_impl: str) -> GP
 
 
 def maybe_compile(model: nn.Module, hp: Hyperparameters):
+    if hp.inductor_tuning:
+        from torch._inductor import config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
     return torch.compile(model, dynamic=False, fullgraph=True) if hp.torch_compile else model
 
 
@@ -881,6 +1011,58 @@ def grad_accum_steps(hp: Hyperparameters, world: int) -> int:
     return hp.grad_accum_steps or max(1, 8 // world)
 
 
+class PhaseTimer:
+    """Marks the end of each step phase with a CUDA event (a host clock on CPU); the time since the previous
+    mark is charged to the phase. Events are only read, with one sync, when a report is asked for."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.on, self.marks, self.steps = device.type == "cuda", False, [], 0
+
+    def mark(self, phase: str):
+        if self.on:
+            if self.cuda:
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                self.marks.append((phase, event))
+            else:
+                self.marks.append((phase, time.perf_counter()))
+
+    def start(self):
+        self.on, self.marks, self.steps = True, [], 0
+        self.mark("start")
+
+    def report(self) -> str:
+        """Mean ms per step of each phase since start(); starts the next interval."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        for (_, a), (phase, b) in zip(self.marks, self.marks[1:]):
+            ms = a.elapsed_time(b) if self.cuda else 1000 * (b - a)
+            totals[phase] = totals.get(phase, 0.0) + ms
+        steps = max(self.steps, 1)
+        self.start()
+        return " ".join(f"{k}:{v / steps:.2f}" for k, v in totals.items()) + f" total:{sum(totals.values()) / steps:.2f}"
+
+
+def profile_table(prof, steps: int) -> str:
+    """CUDA kernel time per step by kind, from a torch.profiler run."""
+    kinds = (("attention", ("flash", "fmha", "attention", "sdpa")), ("comm", ("nccl",)),
+             ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "wgmma")), ("fused_pointwise", ("triton",)),
+             ("optimizer", ("foreach", "multi_tensor", "adam")), ("copy/fill", ("memcpy", "memset", "copy", "fill")))
+    totals, top = {}, []
+    for ev in prof.key_averages():
+        us = ev.self_device_time_total
+        if not us:
+            continue
+        kind = next((k for k, words in kinds if any(w in ev.key.lower() for w in words)), "other")
+        totals[kind] = totals.get(kind, 0.0) + us / 1000 / steps
+        top.append((us / 1000 / steps, kind, ev.key[:90]))
+    lines = ["profile_ms_per_step " + " ".join(f"{k}:{v:.2f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
+             + f" total:{sum(totals.values()):.2f}"]
+    lines += [f"profile_kernel {ms:8.3f}ms {kind:15s} {name}" for ms, kind, name in sorted(top, reverse=True)[:25]]
+    return "\n".join(lines)
+
+
 def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log, ev: EvalContext):
     accum = grad_accum_steps(hp, world)
     if hp.train_batch_tokens % (world * accum * hp.train_seq_len):
@@ -889,39 +1071,29 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
     loader = TrainLoader(list_shards(hp.data_path, "train"), rank, world, accum, hp.train_batch_tokens, hp.train_seq_len, device)
     model = build_model(hp, device, attn_impl)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} world_size:{world} grad_accum_steps:{accum}")
+    if world > 1:  # every rank starts from rank 0's weights (the gradients are summed by the optimizer)
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
     compiled = maybe_compile(model, hp)
-    ddp = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False) if world > 1 else compiled
-    opts = build_optimizers(model, hp, rank, world, compile_ns=hp.torch_compile)
+    opt = Optimizers(model, hp, rank, world, compile_ns=hp.torch_compile)
     params = list(model.parameters())
     qat_layers = quantized_linears(model, hp.quant_min_numel)
     cap_ms = 1000 * hp.max_wallclock_seconds
+    timer = PhaseTimer(device)
 
-    def forward_backward(batches) -> Tensor:
+    def train_step(scale: float, momentum: float) -> Tensor:
+        batches = loader.next_step()
+        timer.mark("data")
         loss_sum = torch.zeros((), device=device)
-        for m, (x, y) in enumerate(batches):
-            if world > 1:
-                ddp.require_backward_grad_sync = m == len(batches) - 1
-            loss = ddp(x, y)
+        for x, y in batches:
+            loss = compiled(x, y)
+            timer.mark("forward")
             (loss / len(batches)).backward()
+            timer.mark("backward")
             loss_sum += loss.detach()
+        opt.step(scale, momentum, timer.mark)
+        timer.steps += 1
         return loss_sum / len(batches)
-
-    def optimizer_step(scale: float, momentum: float):
-        for opt in opts:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * scale
-                if "momentum" in g:
-                    g["momentum"] = momentum
-        torch.nn.utils.clip_grad_norm_(params, hp.grad_clip_norm)
-        for opt in opts:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-
-    def sync_time() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
     def set_qat(on: bool):
         for m in qat_layers:
@@ -930,45 +1102,51 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
     # compile warm-up (QAT graphs included), then restore the initial state
     if hp.warmup_steps > 0:
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        opt_states = [opt.state_dict() for opt in opts]
-        t0, phase_ms = time.perf_counter(), np.zeros(3)  # data, forward+backward, optimizer
+        opt_states = opt.state_dict()
+        t0 = time.perf_counter()
         timed = min(5, hp.warmup_steps // 4)  # the last steps run compiled graphs only: time their phases
+        prof = None
         for i in range(hp.warmup_steps):
             set_qat(hp.late_qat_threshold > 0 and hp.warmup_steps // 3 <= i < 2 * hp.warmup_steps // 3)
-            t = [sync_time()]
-            batches = loader.next_step()
-            t.append(sync_time())
-            forward_backward(batches)
-            t.append(sync_time())
-            optimizer_step(1.0, hp.muon_momentum_warmup_start)
-            t.append(sync_time())
-            if i >= hp.warmup_steps - timed:
-                phase_ms += 1000 * np.diff(t) / timed
+            if i == hp.warmup_steps - timed:
+                timer.start()
+                if hp.profile:
+                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    prof.start()
+            train_step(1.0, hp.muon_momentum_warmup_start)
         log(f"warmup:{hp.warmup_steps} steps in {time.perf_counter() - t0:.1f}s (compile included)")
+        if prof is not None:
+            prof.stop()
+            log(profile_table(prof, timed))
         if timed:
-            log(f"step_phases_ms data:{phase_ms[0]:.2f} forward_backward:{phase_ms[1]:.2f} optimizer:{phase_ms[2]:.2f} "
-                f"(last {timed} warm-up steps, synchronised)")
+            log(f"step_phases_ms {timer.report()} (last {timed} warm-up steps)")
+        timer.on = False
         set_qat(False)
         model.load_state_dict(initial)
-        for opt, st in zip(opts, opt_states):
-            opt.load_state_dict(st)
-        loader = TrainLoader(loader.stream.files, rank, world, accum, hp.train_batch_tokens, hp.train_seq_len, device)
+        opt.load_state_dict(opt_states)
+        loader.reset()
 
     weights = [p.detach() for p in params]  # views that follow the in-place optimiser updates
     ema = [w.clone() for w in weights] if hp.ema_frac > 0 else None
     swa, swa_count, swa_slot = None, 0, -1
     qat_on, nonfinite = False, torch.zeros((), device=device, dtype=torch.bool)
     last_loss = torch.zeros((), device=device)
-    step, train_ms, progress = 0, 0.0, 0.0
+    step, train_ms, progress, synced = 0, 0.0, 0.0, (0, 0.0)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if hp.phase_timing:
+        timer.start()
     t_start = time.perf_counter()
     while True:
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t_start)
-        if world > 1 and cap_ms > 0:  # every rank follows rank 0's clock: same LR, EMA decay and stop step
-            clock = torch.tensor(elapsed_ms, device=device, dtype=torch.float64)
-            dist.broadcast(clock, 0)
-            elapsed_ms = clock.item()
+        if world > 1 and cap_ms > 0:
+            # every rank follows rank 0's clock (same LR, EMA decay and stop step); between reads it is
+            # extrapolated at the mean step time, so only one step in CLOCK_SYNC_EVERY waits for the GPU
+            if step % hp.clock_sync_every == 0:
+                clock = torch.tensor(elapsed_ms, device=device, dtype=torch.float64)
+                dist.broadcast(clock, 0)
+                synced = (step, clock.item())
+            elapsed_ms = synced[1] + (step - synced[0]) * synced[1] / max(synced[0], 1)
         new_progress = max(step / hp.iterations, elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
         stop = new_progress >= 1.0
         if ema is not None and step > 0:
@@ -982,6 +1160,7 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             else:
                 torch._foreach_add_(swa, weights)
             swa_count += 1
+        timer.mark("ema")
         is_log = step % hp.train_log_every == 0 or step <= 10 or stop
         if is_log and step > 0:
             stats = torch.stack((last_loss.float(), nonfinite.float()))
@@ -993,6 +1172,8 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             eta = (cap_ms - elapsed_ms) / 1000 if cap_ms > 0 else (hp.iterations - step) * avg / 1000
             log(f"step:{step}/{hp.iterations} train_loss:{stats[0].item() / world:.4f} train_time:{elapsed_ms / 1000:.1f}s "
                 f"step_avg:{avg:.2f}ms tok/s:{hp.train_batch_tokens / avg * 1000:,.0f} lr_scale:{scale:.3f} eta:{max(eta, 0):.0f}s")
+            if hp.phase_timing and step % hp.train_log_every == 0:
+                log(f"phases_ms {timer.report()} (steps {step - hp.train_log_every + 1}-{step})")
         if hp.val_loss_every > 0 and step > 0 and (step % hp.val_loss_every == 0 or stop):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -1005,8 +1186,7 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             set_qat(True)
             qat_on = True
             log(f"late_qat:on step:{step} lr_scale:{scale:.3f}")
-        last_loss = forward_backward(loader.next_step())
-        optimizer_step(scale, muon_momentum(progress, hp))
+        last_loss = train_step(scale, muon_momentum(progress, hp))
         nonfinite |= ~torch.isfinite(last_loss)
         step += 1
     if device.type == "cuda":
@@ -1055,6 +1235,7 @@ def main():
     attn_impl = select_attention(hp.attn_backend, device, hp, micro_batch, log)
     ev = EvalContext(hp, rank, world, device, attn_impl, log)
     if not hp.eval_artifact:
+        compress(b"", hp.compressor)  # a missing codec fails now, not after training
         model = train(hp, rank, world, device, attn_impl, log, ev)
         ev.score(model.state_dict(), "pre_quant_ema")
         if rank == 0:

@@ -65,6 +65,20 @@ def test_loader_slices_are_disjoint_and_cover_the_batch(tmp_path, world, accum):
         assert torch.equal(got, torch.arange(step * span, (step + 1) * span))  # disjoint and covering
 
 
+def test_loader_reset_starts_again_from_the_first_token(tmp_path):
+    """The warm-up reads batches, then reset() must give the training run the same first batches (the
+    prefetched step is dropped)."""
+    build_shards.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(5_000) % 65536)
+    loader = tg.TrainLoader([str(tmp_path / "fineweb_train_000000.bin")], 0, 1, 2, 64, 8, torch.device("cpu"))
+    first = [loader.next_step() for _ in range(3)]
+    loader.reset()
+    again = [loader.next_step() for _ in range(3)]
+    for a, b in zip(first, again):
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert first[0][0][0][0, 0] == 0 and first[1][0][0][0, 0] == 66  # step 2 starts after 2 x (32 + 1) tokens
+
+
 def test_stream_wraps_across_shards(tmp_path):
     build_shards.write_shard(tmp_path / "a.bin", np.arange(10))
     build_shards.write_shard(tmp_path / "b.bin", np.arange(10, 15))

@@ -10,7 +10,7 @@ from logs import parse_log
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, dataset, tokenizer):
     d = tmp_path_factory.mktemp("run")
-    r = run_train(d, dataset, tokenizer, ITERATIONS=20, COMPRESSOR="zstd")
+    r = run_train(d, dataset, tokenizer, ITERATIONS=20, COMPRESSOR="zstd", PHASE_TIMING=1)
     assert r.returncode == 0, r.stderr[-3000:]
     return d, r
 
@@ -26,6 +26,24 @@ def test_loss_falls_and_every_final_line_is_there(trained):
     assert "late_qat:on" in r.stdout
     code_bytes = (ROOT / "train_gpt.py").stat().st_size
     assert log["total_bytes"] == (d / "logs" / "t.int6.ptz").stat().st_size + code_bytes
+
+
+def test_phase_timing_splits_each_step(trained):
+    """PHASE_TIMING=1: at log steps, mean ms per step of each phase, whose sum is the step time."""
+    _, r = trained
+    lines = [line for line in r.stdout.splitlines() if line.startswith(("phases_ms", "step_phases_ms"))]
+    assert len(lines) == 1 + 20 // 5  # the warm-up line, then one per TRAIN_LOG_EVERY=5 steps
+    for line in lines:
+        phases = dict(kv.split(":") for kv in line.split()[1:] if ":" in kv)
+        assert {"data", "forward", "backward", "comm", "optimizer", "total"} <= set(phases), line
+        assert sum(float(v) for k, v in phases.items() if k != "total") == pytest.approx(float(phases["total"]), abs=0.05)
+        assert float(phases["forward"]) > 0 and float(phases["backward"]) > 0
+
+
+def test_a_missing_codec_fails_before_training(tmp_path, dataset, tokenizer):
+    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=5, COMPRESSOR="lz4")
+    assert r.returncode == 2 and "COMPRESSOR='lz4'" in r.stderr
+    assert "step:" not in r.stdout
 
 
 def test_eval_sh_scores_an_artifact_alone(trained, tmp_path, dataset, tokenizer):

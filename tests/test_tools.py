@@ -12,7 +12,7 @@ from logs import parse_log, summary
 
 def fake_log(path, seed, sliding_loss, total=15_000_000, val_every=False):
     lines = [f'hyperparameters: {{"seed": {seed}, "num_layers": 11, "run_id": "r{seed}"}}',
-             "step_phases_ms data:0.50 forward_backward:80.00 optimizer:12.00 (last 5 warm-up steps, synchronised)"]
+             "step_phases_ms data:0.50 forward:30.00 backward:50.00 comm:0.00 optimizer:12.00 total:92.50 (last 5 warm-up steps)"]
     for s in (1, 100, 200):
         lines.append(f"step:{s}/20000 train_loss:{6 - s / 100:.4f} train_time:{s * 0.09:.1f}s step_avg:90.00ms "
                      f"tok/s:1,092,267 lr_scale:1.000 eta:10s")
@@ -30,7 +30,7 @@ def fake_log(path, seed, sliding_loss, total=15_000_000, val_every=False):
 
 def test_parse_log_and_summary(tmp_path):
     r = parse_log(fake_log(tmp_path / "a.txt", 1337, 2.4, val_every=True))
-    assert r["steps"] == 200 and r["ms_per_step"] == 90.0 and r["optimizer_ms"] == 12.0
+    assert r["steps"] == 200 and r["ms_per_step"] == 90.0 and r["optimizer_ms"] == 12.0 and r["fwd_bwd_ms"] == 80.0
     assert r["sliding_loss"] == 2.4 and r["total_bytes"] == 15_000_000 and r["artifact_bytes"] == 14_950_000
     assert r["train_curve"][0] == (1, 0.1, 5.99) and r["val_curve"] == [(100, 1.7), (200, 1.6)]
     assert r["tokens_per_s"] == 1_092_267 and r["hparams"]["seed"] == 1337

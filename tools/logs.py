@@ -11,7 +11,7 @@ import sys
 _NUM = r"([-+0-9.eE,]+)"
 _PATTERNS = {
     "steps": rf"training done: {_NUM} steps in {_NUM}s \({_NUM} ms/step\)",
-    "phases": rf"step_phases_ms data:{_NUM} forward_backward:{_NUM} optimizer:{_NUM}",
+    "phases": r"step_phases_ms ((?:\w+:[-0-9.]+ ?)+)",
     "pre_quant": rf"pre_quant_ema val_loss:{_NUM} val_bpb:{_NUM} eval_time:{_NUM}s",
     "roundtrip": rf"final_int6_roundtrip_exact val_loss:{_NUM} val_bpb:{_NUM} eval_time:{_NUM}s",
     "sliding": rf"final_int6_sliding_window_exact val_loss:{_NUM} val_bpb:{_NUM} eval_time:{_NUM}s",
@@ -40,8 +40,10 @@ def parse_log(path: str) -> dict:
             out["hparams"] = json.loads(g[0])
         elif key == "steps":
             out.update(steps=int(_f(g[0])), train_s=_f(g[1]), ms_per_step=_f(g[2]))
-        elif key == "phases":
-            out.update(data_ms=_f(g[0]), fwd_bwd_ms=_f(g[1]), optimizer_ms=_f(g[2]))
+        elif key == "phases":  # mean ms per warm-up step of each phase
+            ph = {k: _f(v) for k, v in (kv.split(":") for kv in g[0].split())}
+            out.update(phases_ms=ph, data_ms=ph.get("data", 0.0), fwd_bwd_ms=ph.get("forward", 0.0) + ph.get("backward", 0.0),
+                       optimizer_ms=ph.get("optimizer", 0.0) + ph.get("comm", 0.0))
         elif key == "total":
             out["total_bytes"] = int(_f(g[0]))
         elif key == "export":

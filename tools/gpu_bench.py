@@ -1,0 +1,102 @@
+"""GPU checks and timings for the fast paths of train_gpt.py, at the record's shapes (one call, one table).
+
+    python3 tools/gpu_bench.py [attention] [orthogonalize] [ceilings]
+
+attention: every implementation this machine can run (FA3, SDPA cuDNN/flash/efficient, native GQA or
+K/V expanded) at B=48, T=2048, 8 heads / 4 KV heads, head dim 64: forward and backward medians, and the
+relative error of the output and of dq, dk, dv against float64 math on two sequences.
+orthogonalize: Newton-Schulz and Polar Express at 4 and 5 steps on the record's Muon banks (compiled, bf16):
+time per optimizer step and the spread of the singular values they leave.
+ceilings: device-to-device copy bandwidth and a large bf16 matrix product, to read the others against.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train_gpt as tg  # noqa: E402
+
+
+def timed(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of fn() over reps event-timed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def bench_attention(B=48, T=2048, H=8, KV=4, D=64):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dev = torch.device("cuda")
+    q = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, T, KV, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    dout = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+    ref_in = [t[:2].detach().double().requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel(SDPBackend.MATH):
+        ref_out = tg.attention(*ref_in, "sdpa")
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout[:2].double())
+    flops = 4 * B * H * T * T * D / 2  # causal forward: QK^T and PV over half the square
+    print(f"attention B={B} T={T} H={H} KV={KV} D={D}: forward {flops / 1e9:.0f} GFLOP, backward 2.5x")
+    print(f"{'impl':24s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'TFLOP/s':>8s} {'err out':>8s} {'err dq':>8s} {'err dk':>8s} {'err dv':>8s}")
+    for label, impl, backend in tg.attention_candidates("auto"):
+        try:
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                out = tg.attention(q, k, v, impl)
+                grads = torch.autograd.grad(out, (q, k, v), dout)
+                errs = [rel_err(out[:2], ref_out)] + [rel_err(g[:2], r) for g, r in zip(grads, ref_grads)]
+                fwd = timed(lambda: tg.attention(q, k, v, impl))
+                both = timed(lambda: torch.autograd.grad(tg.attention(q, k, v, impl), (q, k, v), dout))
+        except Exception as e:  # report and go on: one broken kernel must not hide the others
+            print(f"{label:24s} failed: {type(e).__name__}: {str(e)[:150]}")
+            continue
+        print(f"{label:24s} {fwd:8.3f} {both - fwd:8.3f} {both:8.3f} {3.5 * flops / both / 1e9:8.0f} "
+              + " ".join(f"{e:8.1e}" for e in errs))
+
+
+def bench_orthogonalize(L=11):
+    dev = torch.device("cuda")
+    banks = [(2 * L, 512, 512), (2 * L, 256, 512), (L, 1536, 512), (L, 512, 1536)]
+    torch.manual_seed(0)
+    grads = [torch.randn(s, device=dev) for s in banks]
+    print(f"orthogonalize, banks {banks} (compiled, bf16)")
+    print(f"{'method':16s} {'steps':>5s} {'ms/step':>8s} {'sv min':>7s} {'sv max':>7s}")
+    for method, steps in (("newton_schulz", 5), ("polar_express", 4), ("polar_express", 5)):
+        torch._dynamo.reset()  # 3 configs x 4 shapes would pass dynamo's recompile limit and fall back to eager
+        fn = torch.compile(tg.orthogonalize, dynamic=False)
+        ms = timed(lambda: [fn(g, steps, method) for g in grads])
+        sv = torch.linalg.svdvals(fn(grads[0], steps, method).float())
+        print(f"{method:16s} {steps:5d} {ms:8.3f} {sv.min().item():7.3f} {sv.max().item():7.3f}")
+
+
+def bench_ceilings():
+    dev = torch.device("cuda")
+    x = torch.randn(1 << 28, device=dev)
+    y = torch.empty_like(x)
+    ms = timed(lambda: y.copy_(x))
+    print(f"device copy: {2 * x.numel() * 4 / ms / 1e9:.0f} GB/s (read + write)")
+    a, b = (torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    ms = timed(lambda: a @ b)
+    print(f"bf16 matmul 8192^3: {2 * 8192 ** 3 / ms / 1e9:.0f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    todo = sys.argv[1:] or ["ceilings", "attention", "orthogonalize"]
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
+    for name in todo:
+        {"attention": bench_attention, "orthogonalize": bench_orthogonalize, "ceilings": bench_ceilings}[name]()
