@@ -567,7 +567,7 @@ class Muon(torch.optim.Optimizer):
             group, state = self.param_groups[gi], self.state[ps[0]]
             if "momentum" not in state:
                 state["momentum"] = torch.zeros_like(mine)
-            buf, g = state["momentum"], mine * grad_scale
+            buf, g = state["momentum"], mine.mul_(grad_scale)  # the slice is scratch until the next backward
             buf.mul_(group["momentum"]).add_(g)
             O = self.orthogonalize(g.add_(buf, alpha=group["momentum"]), self.ns_steps, self.method)
             if self.world > 1:
@@ -602,13 +602,14 @@ class Optimizers:
         tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
         taken = {id(p) for p in matrices + tables}
         scalars = [p for p in model.parameters() if id(p) not in taken]
-        self.hp, self.rank, self.world = hp, rank, world
+        self.clip_norm, self.rank, self.world = hp.grad_clip_norm, rank, world
         self.muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
                          hp.muon_backend, world, compile_ns)
         self.adam_grads = attach_grad_buffer(tables + scalars, (sum(p.numel() for p in tables + scalars),))
         self.adam = torch.optim.AdamW([{"params": tables, "lr": hp.tied_embed_lr}, {"params": scalars, "lr": hp.scalar_lr}],
                                       betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
                                       fused=self.adam_grads.is_cuda)
+        self.grad_buffers = [bank for _, _, bank, _ in self.muon.banks] + [self.adam_grads]
         for g in self.muon.param_groups + self.adam.param_groups:
             g["base_lr"] = g["lr"]
 
@@ -628,14 +629,14 @@ class Optimizers:
         if self.world > 1:
             dist.all_reduce(sq)
         grad_scale = torch.full_like(sq, 1.0 / self.world)
-        if self.hp.grad_clip_norm > 0:
-            grad_scale *= (self.hp.grad_clip_norm / (sq.sqrt() / self.world + 1e-6)).clamp(max=1.0)
+        if self.clip_norm > 0:
+            grad_scale *= (self.clip_norm / (sq.sqrt() / self.world + 1e-6)).clamp(max=1.0)
         self.adam_grads.mul_(grad_scale)
         self.muon.step(grad_scale)
         self.adam.step()
         mark("optimizer")
         self.muon.finish(mark)
-        for buf in [bank for _, _, bank, _ in self.muon.banks] + [self.adam_grads]:
+        for buf in self.grad_buffers:
             buf.zero_()
         mark("optimizer")
 
@@ -881,6 +882,21 @@ class Logger:
         self.file.flush()
 
 
+def median_cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of fn() over `reps` CUDA-event-timed calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
 def attention_candidates(requested: str) -> list[tuple[str, str, object]]:
     """(label, attention impl, SDPA backend or None) for each implementation this machine can run."""
     from torch.nn.attention import SDPBackend
@@ -921,21 +937,14 @@ def select_attention(requested: str, device: torch.device, hp: Hyperparameters, 
             with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # SDPA kernels that cannot take these inputs warn, then raise
                 err = ((attention(q, k, v, impl)[:1].double() - ref).norm() / ref.norm()).item()
-                times = []
-                for _ in range(13):  # 3 warm-up calls, then the median of 10
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    attention(q, k, v, impl).sum().backward()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
+                ms = median_cuda_ms(lambda: attention(q, k, v, impl).sum().backward())
         except Exception as e:  # a kernel that cannot take these shapes or dtypes says so in various ways
             notes.append(f"{label} failed ({type(e).__name__}: {str(e)[:120]})")
             continue
         if err > 1e-2:
             notes.append(f"{label} rejected (relative error {err:.1e})")
             continue
-        timings[(label, impl)] = float(np.median(times[3:]))
+        timings[(label, impl)] = ms
     log(f"attention timings (fwd+bwd median ms, B={B}): " + ", ".join(f"{n}:{t:.2f}" for (n, _), t in timings.items())
         + "".join(f"; {n}" for n in notes))
     if not timings:

@@ -13,28 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import train_gpt as tg  # noqa: E402
-
-
-def timed(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of fn() over reps event-timed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -60,8 +44,8 @@ def bench_attention(B=48, T=2048, H=8, KV=4, D=64):
                 out = tg.attention(q, k, v, impl)
                 grads = torch.autograd.grad(out, (q, k, v), dout)
                 errs = [rel_err(out[:2], ref_out)] + [rel_err(g[:2], r) for g, r in zip(grads, ref_grads)]
-                fwd = timed(lambda: tg.attention(q, k, v, impl))
-                both = timed(lambda: torch.autograd.grad(tg.attention(q, k, v, impl), (q, k, v), dout))
+                fwd = tg.median_cuda_ms(lambda: tg.attention(q, k, v, impl), reps=20)
+                both = tg.median_cuda_ms(lambda: torch.autograd.grad(tg.attention(q, k, v, impl), (q, k, v), dout), reps=20)
         except Exception as e:  # report and go on: one broken kernel must not hide the others
             print(f"{label:24s} failed: {type(e).__name__}: {str(e)[:150]}")
             continue
@@ -79,7 +63,7 @@ def bench_orthogonalize(L=11):
     for method, steps in (("newton_schulz", 5), ("polar_express", 4), ("polar_express", 5)):
         torch._dynamo.reset()  # 3 configs x 4 shapes would pass dynamo's recompile limit and fall back to eager
         fn = torch.compile(tg.orthogonalize, dynamic=False)
-        ms = timed(lambda: [fn(g, steps, method) for g in grads])
+        ms = tg.median_cuda_ms(lambda: [fn(g, steps, method) for g in grads], reps=20)
         sv = torch.linalg.svdvals(fn(grads[0], steps, method).float())
         print(f"{method:16s} {steps:5d} {ms:8.3f} {sv.min().item():7.3f} {sv.max().item():7.3f}")
 
@@ -88,10 +72,10 @@ def bench_ceilings():
     dev = torch.device("cuda")
     x = torch.randn(1 << 28, device=dev)
     y = torch.empty_like(x)
-    ms = timed(lambda: y.copy_(x))
+    ms = tg.median_cuda_ms(lambda: y.copy_(x), reps=20)
     print(f"device copy: {2 * x.numel() * 4 / ms / 1e9:.0f} GB/s (read + write)")
     a, b = (torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    ms = timed(lambda: a @ b)
+    ms = tg.median_cuda_ms(lambda: a @ b, reps=20)
     print(f"bf16 matmul 8192^3: {2 * 8192 ** 3 / ms / 1e9:.0f} TFLOP/s")
 
 
