@@ -570,20 +570,20 @@ class Muon(torch.optim.Optimizer):
             buf, g = state["momentum"], mine.mul_(grad_scale)  # the slice is scratch until the next backward
             buf.mul_(group["momentum"]).add_(g)
             O = self.orthogonalize(g.add_(buf, alpha=group["momentum"]), self.ns_steps, self.method)
-            if self.world > 1:
+            if self.world > 1:  # O stays referenced until the gather is done: gloo does not keep its input alive
                 full = O.new_empty(bank.shape)
-                self.pending.append((full, ALL_GATHER(full, O, async_op=True)))
+                self.pending.append((full, ALL_GATHER(full, O, async_op=True), O))
             else:
-                self.pending.append((O, None))
+                self.pending.append((O, None, O))
 
     @torch.no_grad()
     def finish(self, mark=lambda phase: None):
         """Wait for the gathered updates, then apply them."""
-        for _, handle in self.pending:
+        for _, handle, _ in self.pending:
             if handle is not None:
                 handle.wait()
         mark("comm")
-        for (gi, ps, _, _), (O, _) in zip(self.banks, self.pending):
+        for (gi, ps, _, _), (O, _, _) in zip(self.banks, self.pending):
             group, (m, n) = self.param_groups[gi], ps[0].shape
             lr = group["lr"]
             if group["wd"]:
