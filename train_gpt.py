@@ -26,6 +26,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the MLP runs the torch path
+    triton = None
+
 # ----------------------------------------------------------------------------------------------------------- config
 
 
@@ -59,6 +65,7 @@ class Hyperparameters:
     num_kv_heads: int = 4
     mlp_mult: float = 3.0
     leaky_relu_slope: float = 0.0  # 0 = relu^2
+    mlp_kernel: str = "auto"  # auto (triton on CUDA when its start-up check passes) | triton | torch
     rope_dims: int = 16
     rope_base: float = 10000.0
     qk_gain_init: float = 1.5
@@ -291,11 +298,14 @@ class CastedLinear(nn.Linear):
         self.zero_init = zero_init
         self.qat: tuple | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def cast_weight(self, dtype: torch.dtype) -> Tensor:
         w = self.weight
         if self.qat is not None:
             w = w + (fake_quantize(w, *self.qat) - w).detach()
-        return F.linear(x, w.to(x.dtype))
+        return w.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.cast_weight(x.dtype))
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -364,12 +374,84 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.reshape(B, T, C))
 
 
+MLP_GRAD_TILES = (128, 128, 64, 4, 3)  # BM, BN, BK, warps, stages: the fastest in tools/gpu_bench.py mlp on H100
+
+if triton is not None:
+    @triton.jit
+    def squared_act_grad_kernel(a_ptr, b_ptr, out_ptr, saved_ptr, M, N, K: tl.constexpr, s_am, s_ak, s_bn, s_bk,
+                                SLOPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """d pre = (A @ B.T) * d leaky(pre)^2 / d pre for A = d out (M, K) and B = W_proj.T (N, K), strided; out
+        and saved are contiguous (M, N). saved is pre, or act = relu(pre)^2 when SLOPE == 0: 2 relu(pre) = 2 sqrt(act)."""
+        n_blocks = tl.cdiv(N, BN)
+        pid = tl.program_id(0)  # consecutive programs share a row block of A: it is read once from HBM
+        rm = ((pid // n_blocks) * BM + tl.arange(0, BM)).to(tl.int64)
+        rn = (pid % n_blocks) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + rk
+            a = tl.load(a_ptr + rm[:, None] * s_am + k[None, :] * s_ak, mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + rn[None, :] * s_bn + k[:, None] * s_bk, mask=(rn[None, :] < N) & (k[:, None] < K), other=0.0)
+            acc = tl.dot(a, b, acc)
+        offs, mask = rm[:, None] * N + rn[None, :], (rm[:, None] < M) & (rn[None, :] < N)
+        saved = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if SLOPE == 0:
+            acc = acc * 2.0 * tl.sqrt(saved)
+        else:
+            acc = acc * 2.0 * tl.where(saved > 0, saved, saved * SLOPE * SLOPE)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_squared_act_grad(d_out: Tensor, w_proj: Tensor, saved: Tensor, slope: float, tiles) -> Tensor:
+    (M, K), N, out = d_out.shape, w_proj.size(1), torch.empty_like(saved)
+    bm, bn, bk, warps, stages = tiles
+    squared_act_grad_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
+        d_out, w_proj, out, saved, M, N, K, d_out.stride(0), d_out.stride(1), w_proj.stride(1), w_proj.stride(0),
+        SLOPE=slope, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    return out
+
+
+@torch.library.custom_op("pgolf::squared_act_grad", mutates_args=())
+def squared_act_grad(d_out: Tensor, w_proj: Tensor, saved: Tensor, slope: float) -> Tensor:
+    """The MLP's d pre from d out (M, dim), W_proj (dim, hidden) and the forward's pre (or act when slope == 0)."""
+    return launch_squared_act_grad(d_out, w_proj, saved.contiguous(), slope, MLP_GRAD_TILES)
+
+
+@squared_act_grad.register_fake
+def _(d_out, w_proj, saved, slope):
+    return torch.empty_like(saved)
+
+
+class SquaredActMLP(torch.autograd.Function):
+    """leaky(x @ W_fc.T)^2 @ W_proj.T for 2-D x: the forward is plain torch (inductor fuses it with its
+    neighbours); the backward multiplies d act = d out @ W_proj by the activation's derivative inside the
+    matrix product's epilogue, so d act is never written to memory."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> Tensor:
+        pre = x @ w_fc.t()
+        act = (F.leaky_relu(pre, slope) if slope else F.relu(pre)).square()
+        ctx.slope = slope
+        ctx.save_for_backward(x, w_fc, w_proj, act, *([pre] if slope else []))
+        return act @ w_proj.t()
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        x, w_fc, w_proj, act, *pre = ctx.saved_tensors
+        d_pre = squared_act_grad(d_out.contiguous(), w_proj, pre[0] if pre else act, ctx.slope)
+        return d_pre @ w_fc, d_pre.t() @ x, d_out.t() @ act, None
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, slope: float):
+    def __init__(self, dim: int, hidden: int, slope: float, kernel: str = "torch"):
         super().__init__()
-        self.fc, self.proj, self.slope = CastedLinear(dim, hidden), CastedLinear(hidden, dim, zero_init=True), slope
+        self.fc, self.proj = CastedLinear(dim, hidden), CastedLinear(hidden, dim, zero_init=True)
+        self.slope, self.fused = slope, kernel == "triton"
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            w_fc, w_proj = self.fc.cast_weight(x.dtype), self.proj.cast_weight(x.dtype)
+            return SquaredActMLP.apply(x.reshape(-1, x.size(-1)), w_fc, w_proj, self.slope).view(*x.shape[:-1], -1)
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
         return self.proj(h.square())
@@ -380,7 +462,7 @@ class Block(nn.Module):
         super().__init__()
         dim = hp.model_dim
         self.attn = CausalSelfAttention(hp, xsa=layer >= hp.num_layers - hp.xsa_last_n, attn_impl=attn_impl)
-        self.mlp = MLP(dim, int(hp.mlp_mult * dim), hp.leaky_relu_slope)
+        self.mlp = MLP(dim, int(hp.mlp_mult * dim), hp.leaky_relu_slope, hp.mlp_kernel)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -958,6 +1040,42 @@ def select_attention(requested: str, device: torch.device, hp: Hyperparameters, 
     return impl
 
 
+def select_mlp_kernel(hp: Hyperparameters, device: torch.device, log) -> str:
+    """MLP_KERNEL resolved: the fused Triton kernel where it runs and matches the torch path in float64
+    (output and all three gradients), else the torch path; an explicit request that cannot be met is an error."""
+    want = hp.mlp_kernel
+    if want not in ("auto", "triton", "torch"):
+        raise ConfigError(f"MLP_KERNEL={want!r} is not one of auto, triton, torch")
+    if want == "torch" or (want == "auto" and (device.type != "cuda" or triton is None)):
+        log("mlp: torch")
+        return "torch"
+    if triton is None:
+        raise ConfigError("MLP_KERNEL=triton but triton is not importable")
+    dim, hidden = hp.model_dim, int(hp.mlp_mult * hp.model_dim)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, w_fc, w_proj = (torch.randn(*s, device=device, generator=gen) / s[-1] ** 0.5 for s in ((4096, dim), (hidden, dim), (dim, hidden)))
+    d_out = torch.randn(4096, dim, device=device, generator=gen)
+    try:
+        errs = []
+        for impl, dtype in (("triton", torch.bfloat16 if device.type == "cuda" else torch.float32), ("torch", torch.float64)):
+            mlp = MLP(dim, hidden, hp.leaky_relu_slope, impl).to(device, dtype)
+            mlp.fc.weight.data.copy_(w_fc), mlp.proj.weight.data.copy_(w_proj)
+            xi = x.to(dtype).requires_grad_()
+            out = mlp(xi)
+            errs.append([out, *torch.autograd.grad(out, (xi, mlp.fc.weight, mlp.proj.weight), d_out.to(dtype))])
+        err = max(((a.double() - r).norm() / r.norm()).item() for a, r in zip(*errs))
+        problem = "" if err <= 1e-2 else f"off by {err:.1e} against float64"
+    except Exception as e:  # a GPU or triton build that cannot compile the kernel
+        problem = f"{type(e).__name__}: {str(e)[:200]}"
+    if not problem:
+        log(f"mlp: triton (largest relative error of output and gradients vs float64: {err:.1e})")
+        return "triton"
+    if want == "triton":
+        raise ConfigError(f"MLP_KERNEL=triton: the fused kernel failed its check ({problem})")
+    log(f"mlp: torch (the fused kernel failed its check: {problem})")
+    return "torch"
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -1242,6 +1360,7 @@ def main():
         hp = dataclasses.replace(hp, **config)
     micro_batch = max(1, hp.train_batch_tokens // (world * grad_accum_steps(hp, world) * hp.train_seq_len))
     attn_impl = select_attention(hp.attn_backend, device, hp, micro_batch, log)
+    hp = dataclasses.replace(hp, mlp_kernel=select_mlp_kernel(hp, device, log))
     ev = EvalContext(hp, rank, world, device, attn_impl, log)
     if not hp.eval_artifact:
         compress(b"", hp.compressor)  # a missing codec fails now, not after training

@@ -218,3 +218,56 @@ def test_sharded_step_on_two_processes_equals_one(tmp_path):
     two = torch.load(tmp_path / "w.pt")
     for a, b in zip(one, two):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+FUSED_MLP_CHECK = """
+import sys, torch
+import train_gpt as tg
+from test_model import tiny_hp
+torch.manual_seed(0)
+for slope in (0.0, 0.5):  # odd sizes: every tile of the kernel is partly masked
+    ref, fused = tg.MLP(48, 144, slope, "torch").double(), tg.MLP(48, 144, slope, "triton")
+    torch.nn.init.normal_(ref.proj.weight, std=0.1)
+    fused.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    x, g = torch.randn(2, 35, 48, dtype=torch.float64), torch.randn(2, 35, 48, dtype=torch.float64)
+    got = []
+    for m in (ref, fused):
+        xi = x.to(m.fc.weight.dtype).requires_grad_()
+        y = m(xi)
+        got.append([y, *torch.autograd.grad(y, (xi, m.fc.weight, m.proj.weight), g.to(y.dtype))])
+    errs = [((a.double() - r).norm() / r.norm()).item() for a, r in zip(got[1], got[0])]
+    print("slope", slope, "errors", errs)
+    assert max(errs) < 1e-5, errs
+log = []
+assert tg.select_mlp_kernel(tiny_hp(mlp_kernel="triton"), torch.device("cpu"), log.append) == "triton", log
+tg.launch_squared_act_grad = lambda d_out, w_proj, saved, slope, tiles: torch.zeros_like(saved)  # a broken kernel
+try:
+    tg.select_mlp_kernel(tiny_hp(mlp_kernel="triton"), torch.device("cpu"), log.append)
+    sys.exit("a broken kernel passed the start-up check")
+except tg.ConfigError as e:
+    assert "failed its check (off by" in str(e), e
+print("ok")
+"""
+
+
+def test_fused_mlp_backward_matches_float64_in_the_triton_interpreter():
+    """The Triton backward (d act -> d pre in the matrix product's epilogue) against the torch MLP in float64,
+    relu^2 and leaky relu^2, run by Triton's CPU interpreter in fp32; the start-up check passes it and
+    rejects a kernel that returns zeros."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", FUSED_MLP_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_mlp_kernel_choice_on_cpu_and_bad_requests(monkeypatch):
+    log = []
+    assert tg.select_mlp_kernel(tiny_hp(), torch.device("cpu"), log.append) == "torch" and log == ["mlp: torch"]
+    with pytest.raises(tg.ConfigError, match="MLP_KERNEL='cuda'"):
+        tg.select_mlp_kernel(tiny_hp(mlp_kernel="cuda"), torch.device("cpu"), log.append)
+    monkeypatch.setattr(tg, "triton", None)
+    with pytest.raises(tg.ConfigError, match="triton is not importable"):
+        tg.select_mlp_kernel(tiny_hp(mlp_kernel="triton"), torch.device("cpu"), log.append)

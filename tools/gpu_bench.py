@@ -1,10 +1,14 @@
 """GPU checks and timings for the fast paths of train_gpt.py, at the record's shapes (one call, one table).
 
-    python3 tools/gpu_bench.py [attention] [orthogonalize] [ceilings]
+    python3 tools/gpu_bench.py [attention] [mlp] [orthogonalize] [ceilings]
 
 attention: every implementation this machine can run (FA3, SDPA cuDNN/flash/efficient, native GQA or
 K/V expanded) at B=48, T=2048, 8 heads / 4 KV heads, head dim 64: forward and backward medians, and the
 relative error of the output and of dq, dk, dv against float64 math on two sequences.
+mlp: the MLP with its backward d act -> d pre fused into a Triton matrix product (MLP_KERNEL=triton) against the
+compiled torch MLP at M=98,304 tokens, 512 -> 1536 -> 512: relative error of the output and the three gradients
+against float64 on the first 4,096 rows, forward / forward+backward medians, and the fused kernel alone at
+every tile shape against cuBLAS + inductor.
 orthogonalize: Newton-Schulz and Polar Express at 4 and 5 steps on the record's Muon banks (compiled, bf16):
 time per optimizer step and the spread of the singular values they leave.
 ceilings: device-to-device copy bandwidth and a large bf16 matrix product, to read the others against.
@@ -12,6 +16,7 @@ ceilings: device-to-device copy bandwidth and a large bf16 matrix product, to re
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 
@@ -53,6 +58,48 @@ def bench_attention(B=48, T=2048, H=8, KV=4, D=64):
               + " ".join(f"{e:8.1e}" for e in errs))
 
 
+def bench_mlp(M=48 * 2048, D=512, H=1536):
+    dev, slope = torch.device("cuda"), 0.0  # relu^2, the default
+    torch.manual_seed(0)
+    x = torch.randn(M, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(M, D, device=dev, dtype=torch.bfloat16)
+    ref = tg.MLP(D, H, slope, "torch").to(dev)
+    torch.nn.init.normal_(ref.proj.weight, std=H ** -0.5)
+    ref64 = tg.MLP(D, H, slope, "torch").to(dev, torch.float64)
+    ref64.load_state_dict(ref.state_dict())
+    x64 = x[:4096].detach().double().requires_grad_()
+    out64 = ref64(x64)
+    want = [out64, *torch.autograd.grad(out64, (x64, ref64.fc.weight, ref64.proj.weight), dout[:4096].double())]
+    print(f"mlp M={M} {D}->{H}->{D} slope={slope}: errors vs float64 on 4,096 rows (out, dx, dW_fc, dW_proj)")
+    print(f"{'impl':8s} {'fwd ms':>8s} {'fwd+bwd':>8s} {'err out':>8s} {'err dx':>8s} {'err dWfc':>8s} {'err dWpr':>8s}")
+    for impl in ("torch", "triton"):
+        mlp = tg.MLP(D, H, slope, impl).to(dev)
+        mlp.load_state_dict(ref.state_dict())
+        fn = torch.compile(mlp, dynamic=False, fullgraph=True)
+        step = lambda n=M: torch.autograd.grad(fn(x[:n]), (x, mlp.fc.weight, mlp.proj.weight), dout[:n])
+        out, dx, dfc, dpr = fn(x[:4096]), *step(4096)
+        errs = [rel_err(out, want[0]), rel_err(dx[:4096], want[1]), rel_err(dfc, want[2]), rel_err(dpr, want[3])]
+        fwd = tg.median_cuda_ms(lambda: fn(x), reps=20)
+        both = tg.median_cuda_ms(step, reps=20)
+        print(f"{impl:8s} {fwd:8.3f} {both:8.3f} " + " ".join(f"{e:8.1e}" for e in errs))
+    w_proj = ref.proj.weight.bfloat16().detach()
+    saved = torch.relu(x.detach() @ ref.fc.weight.bfloat16().t()).square()  # act, what relu^2's backward reads
+    down = torch.compile(lambda d, w, a: (d @ w) * 2 * a.sqrt())
+    print(f"d pre alone, ms: cuBLAS + inductor {tg.median_cuda_ms(lambda: down(dout, w_proj, saved), reps=20):.3f}")
+    print(f"{'BM BN BK warps stages':22s} {'ms':>7s}")
+    for tiles in itertools.product((64, 128, 256), (64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4)):
+        bm, bn, bk, warps, stages = tiles
+        if (stages * (bm + bn) * bk * 2 > 200_000 or not 64 * 128 <= bm * bn <= 128 * 256
+                or warps != (4 if bm * bn < 128 * 128 else 8 if bm * bn > 128 * 128 else warps)):
+            continue
+        try:
+            ms = tg.median_cuda_ms(lambda: tg.launch_squared_act_grad(dout, w_proj, saved, slope, tiles), reps=10)
+        except Exception as e:  # out of shared memory or registers: say so and go on
+            print(f"{str(tiles):22s} failed: {type(e).__name__}")
+            continue
+        print(f"{str(tiles):22s} {ms:7.3f}")
+
+
 def bench_orthogonalize(L=11):
     dev = torch.device("cuda")
     banks = [(2 * L, 512, 512), (2 * L, 256, 512), (L, 1536, 512), (L, 512, 1536)]
@@ -80,7 +127,7 @@ def bench_ceilings():
 
 
 if __name__ == "__main__":
-    todo = sys.argv[1:] or ["ceilings", "attention", "orthogonalize"]
+    todo = sys.argv[1:] or ["ceilings", "attention", "mlp", "orthogonalize"]
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
     for name in todo:
-        {"attention": bench_attention, "orthogonalize": bench_orthogonalize, "ceilings": bench_ceilings}[name]()
+        {"attention": bench_attention, "mlp": bench_mlp, "orthogonalize": bench_orthogonalize, "ceilings": bench_ceilings}[name]()
