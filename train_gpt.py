@@ -80,6 +80,7 @@ class Hyperparameters:
     tied_embed_init_std: float = 0.005
     attn_backend: str = "auto"  # auto (fastest correct at start-up) | fa3 | cudnn | flash | efficient | math
     torch_compile: bool = True
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead = CUDA graphs (see COMPILE_MODES)
     inductor_tuning: bool = False  # coordinate-descent tuning of inductor's fused kernels (longer compile)
     phase_timing: bool = False  # CUDA events per step phase, reported at log steps
     profile: bool = False  # torch.profiler over the last warm-up steps: kernel time by category in the log
@@ -1094,11 +1095,16 @@ def build_model(hp: Hyperparameters, device: torch.device, attn_impl: str) -> GP
     return GPT(hp, attn_impl, dtype).to(device)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def maybe_compile(model: nn.Module, hp: Hyperparameters):
+    if hp.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"COMPILE_MODE={hp.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if hp.inductor_tuning:
         from torch._inductor import config as inductor_config
         inductor_config.coordinate_descent_tuning = True
-    return torch.compile(model, dynamic=False, fullgraph=True) if hp.torch_compile else model
+    return torch.compile(model, dynamic=False, fullgraph=True, mode=hp.compile_mode) if hp.torch_compile else model
 
 
 class EvalContext:

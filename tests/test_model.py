@@ -15,6 +15,8 @@ def test_env_parsing_and_errors():
     assert hp.ln_scale is False and hp.matrix_lr == 0.5 and hp.num_layers == 2
     with pytest.raises(tg.ConfigError, match="NUM_LAYERS='two'"):
         tg.Hyperparameters.from_env({"NUM_LAYERS": "two"})
+    with pytest.raises(tg.ConfigError, match="COMPILE_MODE='fast' is not one of default"):
+        tg.maybe_compile(torch.nn.Linear(2, 2), tiny_hp(compile_mode="fast"))
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64), (2, 96, 32), (4, 32, 128)])
