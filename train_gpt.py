@@ -375,6 +375,10 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.reshape(B, T, C))
 
 
+def squared_act(pre: Tensor, slope: float) -> Tensor:
+    return (F.leaky_relu(pre, slope) if slope else F.relu(pre)).square()
+
+
 MLP_GRAD_TILES = (128, 128, 64, 4, 3)  # BM, BN, BK, warps, stages: the fastest in tools/gpu_bench.py mlp on H100
 
 if triton is not None:
@@ -431,7 +435,7 @@ class SquaredActMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> Tensor:
         pre = x @ w_fc.t()
-        act = (F.leaky_relu(pre, slope) if slope else F.relu(pre)).square()
+        act = squared_act(pre, slope)
         ctx.slope = slope
         ctx.save_for_backward(x, w_fc, w_proj, act, *([pre] if slope else []))
         return act @ w_proj.t()
@@ -439,7 +443,7 @@ class SquaredActMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out: Tensor):
         x, w_fc, w_proj, act, *pre = ctx.saved_tensors
-        d_pre = squared_act_grad(d_out.contiguous(), w_proj, pre[0] if pre else act, ctx.slope)
+        d_pre = squared_act_grad(d_out, w_proj, pre[0] if pre else act, ctx.slope)
         return d_pre @ w_fc, d_pre.t() @ x, d_out.t() @ act, None
 
 
@@ -453,9 +457,7 @@ class MLP(nn.Module):
         if self.fused:
             w_fc, w_proj = self.fc.cast_weight(x.dtype), self.proj.cast_weight(x.dtype)
             return SquaredActMLP.apply(x.reshape(-1, x.size(-1)), w_fc, w_proj, self.slope).view(*x.shape[:-1], -1)
-        h = self.fc(x)
-        h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
-        return self.proj(h.square())
+        return self.proj(squared_act(self.fc(x), self.slope))
 
 
 class Block(nn.Module):
@@ -1060,7 +1062,7 @@ def select_mlp_kernel(hp: Hyperparameters, device: torch.device, log) -> str:
         errs = []
         for impl, dtype in (("triton", torch.bfloat16 if device.type == "cuda" else torch.float32), ("torch", torch.float64)):
             mlp = MLP(dim, hidden, hp.leaky_relu_slope, impl).to(device, dtype)
-            mlp.fc.weight.data.copy_(w_fc), mlp.proj.weight.data.copy_(w_proj)
+            mlp.load_state_dict({"fc.weight": w_fc, "proj.weight": w_proj})
             xi = x.to(dtype).requires_grad_()
             out = mlp(xi)
             errs.append([out, *torch.autograd.grad(out, (xi, mlp.fc.weight, mlp.proj.weight), d_out.to(dtype))])
