@@ -360,9 +360,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim)
+        # one matrix product for Q, K and V (three Muon matrices, concatenated per call)
+        w_qkv = torch.cat([m.cast_weight(x.dtype) for m in (self.c_q, self.c_k, self.c_v)])
+        kv_dim = self.kv_heads * self.head_dim
+        q, k, v = F.linear(x, w_qkv).split((C, kv_dim, kv_dim), dim=-1)
+        q = q.view(B, T, self.heads, self.head_dim)
+        k, v = k.view(B, T, self.kv_heads, self.head_dim), v.view(B, T, self.kv_heads, self.head_dim)
         if ve is not None:
             v = v + ve.view(B, T, self.kv_heads, self.head_dim)
         q = rms_norm(q) * self.q_gain.to(q.dtype)[:, None]
@@ -1194,7 +1197,7 @@ def profile_table(prof, steps: int) -> str:
         top.append((us / 1000 / steps, kind, ev.key[:90]))
     lines = ["profile_ms_per_step " + " ".join(f"{k}:{v:.2f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
              + f" total:{sum(totals.values()):.2f}"]
-    lines += [f"profile_kernel {ms:8.3f}ms {kind:15s} {name}" for ms, kind, name in sorted(top, reverse=True)[:25]]
+    lines += [f"profile_kernel {ms:8.3f}ms {kind:15s} {name}" for ms, kind, name in sorted(top, reverse=True)[:40]]
     return "\n".join(lines)
 
 

@@ -56,6 +56,30 @@ def test_xsa_output_is_orthogonal_to_own_value():
     assert torch.allclose(out, y - (y * vn).sum(-1, keepdim=True) * vn, atol=1e-6)
 
 
+def test_attention_with_one_qkv_product_matches_three_separate_projections():
+    torch.manual_seed(0)
+    hp = tiny_hp()
+    attn = tg.CausalSelfAttention(hp, xsa=True, attn_impl="sdpa")
+    for m in (attn.c_q, attn.c_k, attn.c_v, attn.proj):
+        torch.nn.init.normal_(m.weight, std=0.1)
+    x = torch.randn(2, 7, hp.model_dim)
+    B, T, C, H, KV, D = 2, 7, hp.model_dim, attn.heads, attn.kv_heads, attn.head_dim
+    # reference: each projection on its own, then the same norm / gain / rotary / attention / XSA steps
+    q = tg.rms_norm((x @ attn.c_q.weight.T).view(B, T, H, D)) * attn.q_gain[:, None]
+    k = tg.rms_norm((x @ attn.c_k.weight.T).view(B, T, KV, D))
+    v = (x @ attn.c_v.weight.T).view(B, T, KV, D)
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32), attn.inv_freq)
+    q, k = (tg.apply_partial_rope(t, freqs.cos(), freqs.sin()) for t in (q, k))
+    want = (tg.remove_self_value(tg.attention(q, k, v, "sdpa"), v).reshape(B, T, C)) @ attn.proj.weight.T
+    got = attn(x, None)
+    assert torch.allclose(got, want, atol=1e-5)
+    weights = [attn.c_q.weight, attn.c_k.weight, attn.c_v.weight]
+    g_want = torch.autograd.grad(want.square().sum(), weights)
+    g_got = torch.autograd.grad(got.square().sum(), weights)
+    for a, b in zip(g_got, g_want):
+        assert a.abs().max() > 0 and torch.allclose(a, b, atol=1e-5)
+
+
 def test_layer_indexed_features_follow_num_layers():
     for layers in (1, 2, 3, 11):
         hp = tiny_hp(num_layers=layers)
