@@ -360,12 +360,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
         B, T, C = x.shape
-        # one matrix product for Q, K and V (three Muon matrices, concatenated per call)
-        w_qkv = torch.cat([m.cast_weight(x.dtype) for m in (self.c_q, self.c_k, self.c_v)])
-        kv_dim = self.kv_heads * self.head_dim
-        q, k, v = F.linear(x, w_qkv).split((C, kv_dim, kv_dim), dim=-1)
-        q = q.view(B, T, self.heads, self.head_dim)
-        k, v = k.view(B, T, self.kv_heads, self.head_dim), v.view(B, T, self.kv_heads, self.head_dim)
+        projs = (self.c_q, self.c_k, self.c_v)  # three Muon matrices, one matrix product per call
+        qkv = F.linear(x, torch.cat([m.cast_weight(x.dtype) for m in projs]))
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in qkv.split([m.out_features for m in projs], dim=-1))
         if ve is not None:
             v = v + ve.view(B, T, self.kv_heads, self.head_dim)
         q = rms_norm(q) * self.q_gain.to(q.dtype)[:, None]
@@ -970,6 +967,11 @@ class Logger:
         self.file.flush()
 
 
+def relative_error(a: Tensor, ref: Tensor) -> float:
+    """|a - ref| / |ref| in float64 (Frobenius norms)."""
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
 def median_cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
     """Median milliseconds of fn() over `reps` CUDA-event-timed calls, after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -1024,7 +1026,7 @@ def select_attention(requested: str, device: torch.device, hp: Hyperparameters, 
         try:
             with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # SDPA kernels that cannot take these inputs warn, then raise
-                err = ((attention(q, k, v, impl)[:1].double() - ref).norm() / ref.norm()).item()
+                err = relative_error(attention(q, k, v, impl)[:1], ref)
                 ms = median_cuda_ms(lambda: attention(q, k, v, impl).sum().backward())
         except Exception as e:  # a kernel that cannot take these shapes or dtypes says so in various ways
             notes.append(f"{label} failed ({type(e).__name__}: {str(e)[:120]})")
@@ -1069,7 +1071,7 @@ def select_mlp_kernel(hp: Hyperparameters, device: torch.device, log) -> str:
             xi = x.to(dtype).requires_grad_()
             out = mlp(xi)
             errs.append([out, *torch.autograd.grad(out, (xi, mlp.fc.weight, mlp.proj.weight), d_out.to(dtype))])
-        err = max(((a.double() - r).norm() / r.norm()).item() for a, r in zip(*errs))
+        err = max(relative_error(a, r) for a, r in zip(*errs))
         problem = "" if err <= 1e-2 else f"off by {err:.1e} against float64"
     except Exception as e:  # a GPU or triton build that cannot compile the kernel
         problem = f"{type(e).__name__}: {str(e)[:200]}"

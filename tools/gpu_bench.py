@@ -26,10 +26,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import train_gpt as tg  # noqa: E402
 
 
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref).norm() / ref.norm()).item()
-
-
 def bench_attention(B=48, T=2048, H=8, KV=4, D=64):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dev = torch.device("cuda")
@@ -48,7 +44,7 @@ def bench_attention(B=48, T=2048, H=8, KV=4, D=64):
             with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                 out = tg.attention(q, k, v, impl)
                 grads = torch.autograd.grad(out, (q, k, v), dout)
-                errs = [rel_err(out[:2], ref_out)] + [rel_err(g[:2], r) for g, r in zip(grads, ref_grads)]
+                errs = [tg.relative_error(t[:2], r) for t, r in zip((out, *grads), (ref_out, *ref_grads))]
                 fwd = tg.median_cuda_ms(lambda: tg.attention(q, k, v, impl), reps=20)
                 both = tg.median_cuda_ms(lambda: torch.autograd.grad(tg.attention(q, k, v, impl), (q, k, v), dout), reps=20)
         except Exception as e:  # report and go on: one broken kernel must not hide the others
@@ -78,7 +74,7 @@ def bench_mlp(M=48 * 2048, D=512, H=1536):
         fn = torch.compile(mlp, dynamic=False, fullgraph=True)
         step = lambda n=M: torch.autograd.grad(fn(x[:n]), (x, mlp.fc.weight, mlp.proj.weight), dout[:n])
         out, dx, dfc, dpr = fn(x[:4096]), *step(4096)
-        errs = [rel_err(out, want[0]), rel_err(dx[:4096], want[1]), rel_err(dfc, want[2]), rel_err(dpr, want[3])]
+        errs = [tg.relative_error(t, r) for t, r in zip((out, dx[:4096], dfc, dpr), want)]
         fwd = tg.median_cuda_ms(lambda: fn(x), reps=20)
         both = tg.median_cuda_ms(step, reps=20)
         print(f"{impl:8s} {fwd:8.3f} {both:8.3f} " + " ".join(f"{e:8.1e}" for e in errs))
