@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import faulthandler
 import glob
 import json
 import math
@@ -1282,7 +1283,8 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
         if world > 1 and cap_ms > 0:
             # every rank follows rank 0's clock (same LR, EMA decay and stop step); between reads it is
             # extrapolated at the mean step time, so only one step in CLOCK_SYNC_EVERY waits for the GPU
-            if step % hp.clock_sync_every == 0:
+            # (every step up to the first such read: step 0's clock reads ~0, no mean to extrapolate from)
+            if step <= hp.clock_sync_every or step % hp.clock_sync_every == 0:
                 clock = torch.tensor(elapsed_ms, device=device, dtype=torch.float64)
                 dist.broadcast(clock, 0)
                 synced = (step, clock.item())
@@ -1389,10 +1391,14 @@ def main():
                                 f"limit (artifact kept at {artifact}; ALLOW_OVERSIZE=1 scores it anyway)")
     score_artifact(artifact, code_bytes, ev)
     if world > 1:
+        # gloo's worker threads free the last collective's tensors under the GIL: waiting here gives them the
+        # GIL before the interpreter shuts down (a thread that wants it during shutdown aborts the process)
+        dist.barrier()
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a crash inside a native library still prints where each Python thread was
     try:
         main()
     except (ConfigError, DataError, ArtifactError, TrainingError) as e:

@@ -62,3 +62,8 @@ def run_train(tmp_path: Path, dataset: Path, tokenizer: str, args=(), nproc=0, *
     else:
         cmd = [sys.executable, str(ROOT / "train_gpt.py")]
     return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=600)
+
+
+def failure_tail(r: subprocess.CompletedProcess) -> str:
+    """What a failed run printed last, on both streams (a crash at exit shows only on stderr)."""
+    return f"--- stdout ---\n{r.stdout[-2000:]}\n--- stderr ---\n{r.stderr[-3000:]}"

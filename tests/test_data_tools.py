@@ -10,7 +10,7 @@ import pytest
 import build_shards
 import cached_challenge_fineweb as ccf
 import train_gpt as tg
-from conftest import ROOT, TINY_ENV, make_docs
+from conftest import ROOT, TINY_ENV, failure_tail, make_docs
 from logs import parse_log
 
 MANIFEST = {"version": 1, "datasets": [
@@ -117,7 +117,7 @@ def test_proxy_script_runs_and_summarises(tmp_path, dataset, tokenizer, nproc):
            "RUN_ID": f"proxy_test_{nproc}", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(["bash", str(ROOT / "eval" / "proxy.sh"), str(shared)], env=env, capture_output=True,
                        text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, failure_tail(r)
     summary = r.stdout.strip().splitlines()[-1]
     assert "sliding_bpb:" in summary and "n/a" not in summary.split("opt_ms")[1]
     log = parse_log(str(ROOT / "logs" / f"proxy_test_{nproc}.txt"))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import TINY_ENV
+from conftest import TINY_ENV, failure_tail
 
 
 def tiny_hp(**kw) -> tg.Hyperparameters:
@@ -286,7 +286,7 @@ def test_fused_mlp_backward_matches_float64_in_the_triton_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([sys.executable, "-c", FUSED_MLP_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), failure_tail(r)
 
 
 def test_mlp_kernel_choice_on_cpu_and_bad_requests(monkeypatch):

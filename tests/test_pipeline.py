@@ -1,9 +1,13 @@
 """End to end on CPU: train, export, reload the artifact alone and score it; the failure exits."""
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from conftest import ROOT, run_train
+from conftest import ROOT, TINY_ENV, failure_tail, run_train
 from logs import parse_log
 
 
@@ -11,7 +15,7 @@ from logs import parse_log
 def trained(tmp_path_factory, dataset, tokenizer):
     d = tmp_path_factory.mktemp("run")
     r = run_train(d, dataset, tokenizer, ITERATIONS=20, COMPRESSOR="zstd", PHASE_TIMING=1)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, failure_tail(r)
     return d, r
 
 
@@ -53,7 +57,7 @@ def test_eval_sh_scores_an_artifact_alone(trained, tmp_path, dataset, tokenizer)
     (tmp_path / "val" / "fineweb_val_000000.bin").write_bytes((dataset / "fineweb_val_000000.bin").read_bytes())
     r = run_train(tmp_path, tmp_path / "val", tokenizer, args=[str(d / "logs" / "t.int6.ptz")],
                   NUM_LAYERS=5, RUN_ID="score")  # the shape comes from the artifact, not the env
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, failure_tail(r)
     first = parse_log(str(d / "logs" / "t.txt"))
     again = parse_log(str(tmp_path / "logs" / "score.txt"))
     assert again["sliding_bpb"] == first["sliding_bpb"] and again["roundtrip_bpb"] == first["roundtrip_bpb"]
@@ -75,6 +79,21 @@ def test_missing_data_and_corrupt_artifact_exit_cleanly(tmp_path, dataset, token
     assert r.returncode != 0 and "truncated or corrupt artifact" in r.stderr
 
 
+def test_a_native_crash_prints_where_python_was(tmp_path, dataset, tokenizer):
+    """SIGABRT (what a C++ library's abort raises) mid-training dumps every thread's Python stack."""
+    env = {**os.environ, **TINY_ENV, "DATA_PATH": str(dataset), "TOKENIZER_PATH": tokenizer, "ITERATIONS": "100000",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RUN_ID": "abort"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in p.stdout:
+        if line.startswith("step:2/"):
+            break
+    p.send_signal(signal.SIGABRT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in err and re.search(r"train_gpt\.py\", line \d+ in train\n", err), err[-3000:]
+
+
 def test_nan_loss_stops_the_run(tmp_path, dataset, tokenizer):
     r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=8, MATRIX_LR="1e30", TIED_EMBED_LR="1e30", SCALAR_LR="1e30",
                   GRAD_CLIP_NORM="0")
@@ -83,7 +102,7 @@ def test_nan_loss_stops_the_run(tmp_path, dataset, tokenizer):
 
 def test_swa_replaces_ema_when_on(tmp_path, dataset, tokenizer):
     r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=40, SWA_ENABLED=1, SWA_EVERY_FRAC=0.05, COMPRESSOR="zstd")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, failure_tail(r)
     # LR scale < 0.2 over the last 0.2 * 0.49 of 40 steps = steps 37-40, one snapshot per 2 steps
     n = int(re.search(r"swa: averaged (\d+) snapshots", r.stdout)[1])
     assert 2 <= n <= 3
