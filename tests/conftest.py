@@ -49,11 +49,16 @@ def dataset(tmp_path_factory, tokenizer) -> Path:
     return d
 
 
+def train_env(dataset: Path, tokenizer: str, **env) -> dict:
+    """The environment of a tiny-config run on `dataset`, with `env` on top."""
+    return {**os.environ, **TINY_ENV, "DATA_PATH": str(dataset), "TOKENIZER_PATH": tokenizer, "OMP_NUM_THREADS": "1",
+            "RUN_ID": "t", "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in env.items()}}
+
+
 def run_train(tmp_path: Path, dataset: Path, tokenizer: str, args=(), nproc=0, **env) -> subprocess.CompletedProcess:
     """Run train_gpt.py in tmp_path with the tiny config: plain python, torchrun with `nproc` CPU processes
     (gloo), or eval/eval.sh when `args` are given."""
-    full = {**os.environ, **TINY_ENV, "DATA_PATH": str(dataset), "TOKENIZER_PATH": tokenizer, "OMP_NUM_THREADS": "1",
-            "RUN_ID": "t", "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in env.items()}}
+    full = train_env(dataset, tokenizer, **env)
     if args:
         cmd = ["bash", str(ROOT / "eval" / "eval.sh"), *args]
     elif nproc:

@@ -1,5 +1,4 @@
 """End to end on CPU: train, export, reload the artifact alone and score it; the failure exits."""
-import os
 import re
 import signal
 import subprocess
@@ -7,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY_ENV, failure_tail, run_train
+from conftest import ROOT, failure_tail, run_train, train_env
 from logs import parse_log
 
 
@@ -81,10 +80,9 @@ def test_missing_data_and_corrupt_artifact_exit_cleanly(tmp_path, dataset, token
 
 def test_a_native_crash_prints_where_python_was(tmp_path, dataset, tokenizer):
     """SIGABRT (what a C++ library's abort raises) mid-training dumps every thread's Python stack."""
-    env = {**os.environ, **TINY_ENV, "DATA_PATH": str(dataset), "TOKENIZER_PATH": tokenizer, "ITERATIONS": "100000",
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RUN_ID": "abort"}
-    p = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, text=True,
+                         env=train_env(dataset, tokenizer, ITERATIONS=100000), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
     for line in p.stdout:
         if line.startswith("step:2/"):
             break
