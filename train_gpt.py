@@ -1049,6 +1049,14 @@ def select_attention(requested: str, device: torch.device, hp: Hyperparameters, 
     return impl
 
 
+def mlp_output_and_grads(mlp: MLP, x: Tensor, d_out: Tensor) -> list[Tensor]:
+    """[out, d x, d W_fc, d W_proj] of `mlp` at x for the upstream gradient d_out, both cast to its weights' dtype."""
+    dtype = mlp.fc.weight.dtype
+    x = x.detach().to(dtype).requires_grad_()
+    out = mlp(x)
+    return [out, *torch.autograd.grad(out, (x, mlp.fc.weight, mlp.proj.weight), d_out.to(dtype))]
+
+
 def select_mlp_kernel(hp: Hyperparameters, device: torch.device, log) -> str:
     """MLP_KERNEL resolved: the fused Triton kernel where it runs and matches the torch path in float64
     (output and all three gradients), else the torch path; an explicit request that cannot be met is an error."""
@@ -1069,9 +1077,7 @@ def select_mlp_kernel(hp: Hyperparameters, device: torch.device, log) -> str:
         for impl, dtype in (("triton", torch.bfloat16 if device.type == "cuda" else torch.float32), ("torch", torch.float64)):
             mlp = MLP(dim, hidden, hp.leaky_relu_slope, impl).to(device, dtype)
             mlp.load_state_dict({"fc.weight": w_fc, "proj.weight": w_proj})
-            xi = x.to(dtype).requires_grad_()
-            out = mlp(xi)
-            errs.append([out, *torch.autograd.grad(out, (xi, mlp.fc.weight, mlp.proj.weight), d_out.to(dtype))])
+            errs.append(mlp_output_and_grads(mlp, x, d_out))
         err = max(relative_error(a, r) for a, r in zip(*errs))
         problem = "" if err <= 1e-2 else f"off by {err:.1e} against float64"
     except Exception as e:  # a GPU or triton build that cannot compile the kernel

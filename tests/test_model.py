@@ -256,12 +256,8 @@ for slope in (0.0, 0.5):  # odd sizes: every tile of the kernel is partly masked
     torch.nn.init.normal_(ref.proj.weight, std=0.1)
     fused.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
     x, g = torch.randn(2, 35, 48, dtype=torch.float64), torch.randn(2, 35, 48, dtype=torch.float64)
-    got = []
-    for m in (ref, fused):
-        xi = x.to(m.fc.weight.dtype).requires_grad_()
-        y = m(xi)
-        got.append([y, *torch.autograd.grad(y, (xi, m.fc.weight, m.proj.weight), g.to(y.dtype))])
-    errs = [tg.relative_error(a, r) for a, r in zip(got[1], got[0])]
+    want, got = (tg.mlp_output_and_grads(m, x, g) for m in (ref, fused))
+    errs = [tg.relative_error(a, r) for a, r in zip(got, want)]
     print("slope", slope, "errors", errs)
     assert max(errs) < 1e-5, errs
 log = []

@@ -63,9 +63,7 @@ def bench_mlp(M=48 * 2048, D=512, H=1536):
     torch.nn.init.normal_(ref.proj.weight, std=H ** -0.5)
     ref64 = tg.MLP(D, H, slope, "torch").to(dev, torch.float64)
     ref64.load_state_dict(ref.state_dict())
-    x64 = x[:4096].detach().double().requires_grad_()
-    out64 = ref64(x64)
-    want = [out64, *torch.autograd.grad(out64, (x64, ref64.fc.weight, ref64.proj.weight), dout[:4096].double())]
+    want = tg.mlp_output_and_grads(ref64, x[:4096], dout[:4096])
     print(f"mlp M={M} {D}->{H}->{D} slope={slope}: errors vs float64 on 4,096 rows (out, dx, dW_fc, dW_proj)")
     print(f"{'impl':8s} {'fwd ms':>8s} {'fwd+bwd':>8s} {'err out':>8s} {'err dx':>8s} {'err dWfc':>8s} {'err dWpr':>8s}")
     for impl in ("torch", "triton"):
