@@ -3,7 +3,7 @@
     SEED=1337 torchrun --standalone --nproc_per_node=8 train_gpt.py
 
 Every setting is an env var named after a Hyperparameters field (upper case). Sections in data-flow order:
-config, data, model, optimizer, quantization/export, evaluation, main.
+config, data, model, optimizer, schedule, training, quantization/export, evaluation, main.
 """
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import contextlib
 import dataclasses
 import faulthandler
 import glob
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -79,12 +81,8 @@ class Hyperparameters:
     bigram_dim: int = 128
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
-    attn_backend: str = "auto"  # auto (fastest correct at start-up) | fa3 | cudnn | flash | efficient | math
+    attn_backend: str = "auto"  # auto: FA3 if it imports, else the fastest SDPA kernel | fa3 | cudnn | flash | efficient | math
     torch_compile: bool = True
-    compile_mode: str = "default"  # torch.compile mode; reduce-overhead = CUDA graphs (see COMPILE_MODES)
-    inductor_tuning: bool = False  # coordinate-descent tuning of inductor's fused kernels (longer compile)
-    phase_timing: bool = False  # CUDA events per step phase, reported at log steps
-    profile: bool = False  # torch.profiler over the last warm-up steps: kernel time by category in the log
     clock_sync_every: int = 10  # multi-GPU wallclock runs read rank 0's clock every this many steps
     # optimizer
     matrix_lr: float = 0.025
@@ -108,6 +106,7 @@ class Hyperparameters:
     swa_every_frac: float = 0.007  # one snapshot per this fraction of the run (50 of ~7,100 steps)
     late_qat_threshold: float = 0.15  # fake-quantise block matrices once the LR scale is below this; 0 = off
     # export
+    quantizer: str = "gptq_lite"  # how each matrix becomes integers (see QUANTIZERS)
     quant_bits: int = 6
     quant_min_numel: int = 65_536  # tensors with at most this many elements pass through as fp16/fp32
     quant_clip_floor: float = 1.0  # row clips never go below this (the record's scale >= 1/31): bounds the size
@@ -121,24 +120,71 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Hyperparameters":
-        kw = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get(f.name.upper())
-            if raw is None:
-                continue
-            kind = type(f.default)
-            try:
-                kw[f.name] = (raw.strip().lower() in ("1", "true", "yes", "on")) if kind is bool else kind(raw)
-            except ValueError:
-                raise ConfigError(f"{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        kw = {f.name: parse_env_value(f.name.upper(), env[f.name.upper()], type(f.default))
+              for f in dataclasses.fields(cls) if f.name.upper() in env}
         hp = cls(**kw)
         if not hp.run_id:
             hp.run_id = time.strftime("run_%Y%m%d_%H%M%S") + f"_{os.getpid()}"
+        hp.validate()
         return hp
 
     @property
     def percentiles(self) -> tuple[float, ...]:
         return tuple(float(p) for p in self.clip_percentiles.split(","))
+
+    def validate(self):
+        """Every value a run can get wrong, checked before anything is read or built."""
+        def need(ok: bool, name: str, rule: str):
+            if not ok:
+                raise ConfigError(f"{name.upper()}={getattr(self, name)!r} {rule}")
+
+        for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_stride", "val_batch_size",
+                     "train_log_every", "num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "bigram_dim",
+                     "ve_dim", "muon_backend_steps", "clock_sync_every", "size_limit"):
+            need(getattr(self, name) >= 1, name, "must be at least 1")
+        for name in ("seed", "max_wallclock_seconds", "warmup_steps", "grad_accum_steps", "val_loss_every", "xsa_last_n",
+                     "ve_last_n", "bigram_vocab_size", "rope_dims", "leaky_relu_slope", "matrix_lr", "tied_embed_lr",
+                     "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm", "ema_frac", "late_qat_threshold",
+                     "quant_min_numel", "quant_clip_floor"):
+            need(getattr(self, name) >= 0, name, "must not be negative")
+        for name in ("warmdown_frac", "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_frac",
+                     "beta1", "beta2", "swa_start_scale"):
+            need(0 <= getattr(self, name) <= 1, name, "must be between 0 and 1")
+        for name in ("mlp_mult", "rope_base", "logit_softcap", "tied_embed_init_std", "adam_eps", "swa_every_frac"):
+            need(getattr(self, name) > 0, name, "must be positive")
+        for name, allowed in (("compressor", CODECS), ("quantizer", QUANTIZERS), ("muon_backend", QUINTIC_COEFFS),
+                              ("attn_backend", ATTN_BACKENDS), ("mlp_kernel", MLP_KERNELS)):
+            need(getattr(self, name) in allowed, name, f"is not one of {', '.join(allowed)}")
+        for name in ("quant_bits", "embed_quant_bits"):
+            need(2 <= getattr(self, name) <= 8, name, "must be between 2 and 8 (stored as int8)")
+        need(self.vocab_size <= 1 << 16, "vocab_size", "must fit the shards' uint16 token ids (at most 65536)")
+        need(self.bigram_vocab_size != 1, "bigram_vocab_size", "must be 0 (off) or at least 2")
+        need(self.eval_stride <= self.eval_seq_len, "eval_stride", f"must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.model_dim % self.num_heads == 0, "model_dim", f"must be a multiple of NUM_HEADS={self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0, "num_heads", f"must be a multiple of NUM_KV_HEADS={self.num_kv_heads}")
+        need(self.rope_dims % 2 == 0 and self.rope_dims <= self.model_dim // self.num_heads, "rope_dims",
+             f"must be even and at most the head dim ({self.model_dim // self.num_heads})")
+        need(re.fullmatch(r"[\w.-]+", self.run_id) is not None, "run_id", "may hold only letters, digits, '_', '.', '-'")
+        try:
+            ok = all(0 < p <= 1 for p in self.percentiles)
+        except ValueError:
+            ok = False
+        need(ok, "clip_percentiles", "must be a comma-separated list of numbers in (0, 1]")
+
+
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_env_value(name: str, raw: str, kind: type):
+    if kind is bool:
+        word = raw.strip().lower()
+        if word not in TRUE_WORDS + FALSE_WORDS:
+            raise ConfigError(f"{name}={raw!r} is not a boolean (use one of {', '.join(TRUE_WORDS + FALSE_WORDS)})")
+        return word in TRUE_WORDS
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
 class ConfigError(ValueError):
@@ -157,13 +203,16 @@ class TrainingError(RuntimeError):
     pass
 
 
+USER_ERRORS = (ConfigError, DataError, ArtifactError, TrainingError, OSError)  # one `error:` line, exit code 2
+
+
 # ------------------------------------------------------------------------------------------------------------- data
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = 4 * HEADER_INTS
 DOWNLOAD_HINT = "download them with: python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80"
 
 
-def read_shard(path: str) -> np.ndarray:
+def read_shard(path: str, vocab_size: int = 1 << 16) -> np.ndarray:
     """Read one challenge shard: 256 little-endian int32 header (magic, version, count), then uint16 tokens."""
     size = os.path.getsize(path)
     if size < HEADER_BYTES:
@@ -177,7 +226,11 @@ def read_shard(path: str) -> np.ndarray:
     if size != HEADER_BYTES + 2 * count:
         raise DataError(f"{path}: {size} bytes, but the header says {count} tokens "
                         f"({HEADER_BYTES + 2 * count} bytes): truncated or corrupt")
-    return np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
+    if count and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{path}: token id {int(tokens.max())} is outside VOCAB_SIZE={vocab_size}: "
+                        "the shards were made with another tokenizer")
+    return tokens
 
 
 def list_shards(data_path: str, split: str) -> list[str]:
@@ -191,16 +244,16 @@ def list_shards(data_path: str, split: str) -> list[str]:
 class TokenStream:
     """Tokens of the shards in order, cycling forever."""
 
-    def __init__(self, files: list[str]):
-        self.files, self.file_idx, self.pos = files, 0, 0
-        self.tokens = read_shard(files[0])
+    def __init__(self, files: list[str], vocab_size: int = 1 << 16):
+        self.files, self.vocab_size, self.file_idx, self.pos = files, vocab_size, 0, 0
+        self.tokens = read_shard(files[0], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = read_shard(self.files[self.file_idx]), 0
+                self.tokens, self.pos = read_shard(self.files[self.file_idx], self.vocab_size), 0
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -211,9 +264,9 @@ class TrainLoader:
     """Each step reads one global batch; rank r, micro-step m gets slice m * world + r (disjoint, covering).
     A worker thread reads and pins the next step's tokens while the GPU runs this one."""
 
-    def __init__(self, files, rank, world, accum, batch_tokens, seq_len, device):
+    def __init__(self, files, rank, world, accum, batch_tokens, seq_len, device, vocab_size=1 << 16):
         self.files, self.rank, self.world, self.accum = files, rank, world, accum
-        self.seq_len, self.device = seq_len, device
+        self.seq_len, self.device, self.vocab_size = seq_len, device, vocab_size
         self.local_tokens = batch_tokens // (world * accum)
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.reset()
@@ -222,7 +275,7 @@ class TrainLoader:
         """Back to the first token of the first shard."""
         if hasattr(self, "pending"):
             self.pending.result()
-        self.stream = TokenStream(self.files)
+        self.stream = TokenStream(self.files, self.vocab_size)
         self.pending = self.worker.submit(self._read_step)
 
     def _read_step(self) -> list[Tensor]:
@@ -244,8 +297,8 @@ class TrainLoader:
         return out
 
 
-def load_val_tokens(data_path: str, min_len: int) -> np.ndarray:
-    tokens = np.concatenate([read_shard(f) for f in list_shards(data_path, "val")])
+def load_val_tokens(data_path: str, min_len: int, vocab_size: int = 1 << 16) -> np.ndarray:
+    tokens = np.concatenate([read_shard(f, vocab_size) for f in list_shards(data_path, "val")])
     if len(tokens) < min_len + 1:
         raise DataError(f"validation split has {len(tokens)} tokens, fewer than one sequence ({min_len} + 1)")
     return tokens
@@ -255,7 +308,10 @@ def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
     if not os.path.isfile(path):
         raise DataError(f"tokenizer {path} not found; set TOKENIZER_PATH or {DOWNLOAD_HINT}")
-    sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"tokenizer {path} is not a SentencePiece model ({str(e).strip()[:120]})") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"tokenizer {path} has vocab {sp.vocab_size()}, but VOCAB_SIZE={vocab_size}")
     return sp
@@ -286,24 +342,19 @@ def count_bytes(prev: Tensor, target: Tensor, tables) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------------ model
-def fake_quantize(w: Tensor, bits: int, percentiles: tuple[float, ...], clip_floor: float) -> Tensor:
-    q, scale = quantize_rows(w, bits, percentiles, clip_floor)
-    return dequantize_rows(q, scale).to(w.dtype)
-
-
 class CastedLinear(nn.Linear):
-    """fp32 master weight used in the activation dtype; `qat` = (bits, percentiles, floor) turns on straight-through
-    fake quantisation with the export quantiser. It is an instance attribute, so torch.compile guards on it."""
+    """fp32 master weight used in the activation dtype; `qat` (a Quantizer) turns on straight-through fake
+    quantisation with the export's quantiser. It is an instance attribute, so torch.compile guards on it."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
-        self.qat: tuple | None = None
+        self.qat: Quantizer | None = None
 
     def cast_weight(self, dtype: torch.dtype) -> Tensor:
         w = self.weight
         if self.qat is not None:
-            w = w + (fake_quantize(w, *self.qat) - w).detach()
+            w = w + (self.qat.fake_quantize(w) - w).detach()
         return w.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -332,17 +383,85 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, impl: str) -> Tensor:
-    """Causal attention on (B, T, H, D) tensors with GQA; returns (B, T, H, D)."""
+    """Causal attention on (B, T, H, D) tensors with GQA (impl fa3 or sdpa); returns (B, T, H, D)."""
     if impl == "fa3":
         from flash_attn_interface import flash_attn_func
         out = flash_attn_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    groups = q.size(1) // k.size(1)
-    if impl == "sdpa_expand" and groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1 and impl != "sdpa_expand")
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)
+
+
+SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
+ATTN_BACKENDS = ("auto", "fa3", *SDPA_KERNELS)
+
+
+def sdpa_backend(kernel: str):
+    from torch.nn.attention import SDPBackend
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[kernel]
+
+
+def relative_error(a: Tensor, ref: Tensor) -> float:
+    """|a - ref| / |ref| in float64 (Frobenius norms)."""
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def median_cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of fn() over `reps` CUDA-event-timed calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def select_attention(hp: Hyperparameters, device: torch.device, batch_seqs: int, log) -> str:
+    """ATTN_BACKEND resolved to an `attention` impl. auto: FA3 if it imports and matches a float64 reference, else
+    the SDPA kernel (cuDNN, flash, efficient) that matches it and runs forward+backward fastest at the training
+    shapes (batch_seqs sequences per micro-step). A named backend must pass the same check."""
+    if device.type != "cuda":
+        log("attention: torch SDPA on CPU")
+        return "sdpa"
+    from torch.nn.attention import sdpa_kernel
+    hd, T = hp.model_dim // hp.num_heads, hp.train_seq_len
+    q = torch.randn(batch_seqs, T, hp.num_heads, hd, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(batch_seqs, T, hp.num_kv_heads, hd, device=device, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    with sdpa_kernel(sdpa_backend("math")):
+        ref = attention(*(t[:1].detach().double() for t in (q, k, v)), "sdpa")
+    names = ["fa3", "cudnn", "flash", "efficient"] if hp.attn_backend == "auto" else [hp.attn_backend]
+    timings, notes = {}, []
+    for name in names:
+        impl = "fa3" if name == "fa3" else "sdpa"
+        try:
+            with sdpa_kernel(sdpa_backend(name)) if impl == "sdpa" else contextlib.nullcontext(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # SDPA kernels that cannot take these inputs warn, then raise
+                err = relative_error(attention(q, k, v, impl)[:1], ref)
+                if err > 1e-2:
+                    notes.append(f"{name} rejected (relative error {err:.1e})")
+                    continue
+                timings[name] = 0.0 if impl == "fa3" else median_cuda_ms(lambda: attention(q, k, v, impl).sum().backward())
+        except Exception as e:  # a kernel that cannot take these shapes or dtypes says so in various ways
+            notes.append(f"{name} failed ({type(e).__name__}: {str(e)[:120]})")
+        if "fa3" in timings:
+            break
+    if not timings:
+        raise ConfigError(f"ATTN_BACKEND={hp.attn_backend}: no attention implementation runs correctly here ({'; '.join(notes)})")
+    name = min(timings, key=timings.get)
+    for kernel, setter in zip(SDPA_KERNELS, (torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.enable_flash_sdp,
+                                             torch.backends.cuda.enable_mem_efficient_sdp, torch.backends.cuda.enable_math_sdp)):
+        setter(name == "fa3" or kernel == name)
+    log(f"attention: {name} (fwd+bwd median ms at B={batch_seqs}: "
+        + ", ".join(f"{n}:{t:.2f}" for n, t in timings.items() if n != "fa3") + "".join(f"; {n}" for n in notes) + ")")
+    return "fa3" if name == "fa3" else "sdpa"
 
 
 class CausalSelfAttention(nn.Module):
@@ -380,6 +499,7 @@ def squared_act(pre: Tensor, slope: float) -> Tensor:
     return (F.leaky_relu(pre, slope) if slope else F.relu(pre)).square()
 
 
+MLP_KERNELS = ("auto", "triton", "torch")
 MLP_GRAD_TILES = (128, 128, 64, 4, 3)  # BM, BN, BK, warps, stages: the fastest in tools/gpu_bench.py mlp on H100
 
 if triton is not None:
@@ -461,6 +581,46 @@ class MLP(nn.Module):
         return self.proj(squared_act(self.fc(x), self.slope))
 
 
+def mlp_output_and_grads(mlp: MLP, x: Tensor, d_out: Tensor) -> list[Tensor]:
+    """[out, d x, d W_fc, d W_proj] of `mlp` at x for the upstream gradient d_out, both cast to its weights' dtype."""
+    dtype = mlp.fc.weight.dtype
+    x = x.detach().to(dtype).requires_grad_()
+    out = mlp(x)
+    return [out, *torch.autograd.grad(out, (x, mlp.fc.weight, mlp.proj.weight), d_out.to(dtype))]
+
+
+def select_mlp_kernel(hp: Hyperparameters, device: torch.device, log) -> str:
+    """MLP_KERNEL resolved: the fused Triton kernel where it runs and matches the torch path in float64
+    (output and all three gradients), else the torch path; an explicit request that cannot be met is an error."""
+    want = hp.mlp_kernel
+    if want == "torch" or (want == "auto" and (device.type != "cuda" or triton is None)):
+        log("mlp: torch")
+        return "torch"
+    if triton is None:
+        raise ConfigError("MLP_KERNEL=triton but triton is not importable")
+    dim, hidden = hp.model_dim, int(hp.mlp_mult * hp.model_dim)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, w_fc, w_proj = (torch.randn(*s, device=device, generator=gen) / s[-1] ** 0.5 for s in ((4096, dim), (hidden, dim), (dim, hidden)))
+    d_out = torch.randn(4096, dim, device=device, generator=gen)
+    try:
+        errs = []
+        for impl, dtype in (("triton", torch.bfloat16 if device.type == "cuda" else torch.float32), ("torch", torch.float64)):
+            mlp = MLP(dim, hidden, hp.leaky_relu_slope, impl).to(device, dtype)
+            mlp.load_state_dict({"fc.weight": w_fc, "proj.weight": w_proj})
+            errs.append(mlp_output_and_grads(mlp, x, d_out))
+        err = max(relative_error(a, r) for a, r in zip(*errs))
+        problem = "" if err <= 1e-2 else f"off by {err:.1e} against float64"
+    except Exception as e:  # a GPU or triton build that cannot compile the kernel
+        problem = f"{type(e).__name__}: {str(e)[:200]}"
+    if not problem:
+        log(f"mlp: triton (largest relative error of output and gradients vs float64: {err:.1e})")
+        return "triton"
+    if want == "triton":
+        raise ConfigError(f"MLP_KERNEL=triton: the fused kernel failed its check ({problem})")
+    log(f"mlp: torch (the fused kernel failed its check: {problem})")
+    return "torch"
+
+
 class Block(nn.Module):
     def __init__(self, hp: Hyperparameters, layer: int, attn_impl: str):
         super().__init__()
@@ -526,8 +686,6 @@ class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters, attn_impl: str = "sdpa", dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         L, dim = hp.num_layers, hp.model_dim
-        if dim % hp.num_heads or hp.num_heads % hp.num_kv_heads or hp.rope_dims > dim // hp.num_heads:
-            raise ConfigError("need MODEL_DIM % NUM_HEADS == 0, NUM_HEADS % NUM_KV_HEADS == 0, ROPE_DIMS <= head dim")
         self.dtype, self.softcap = dtype, hp.logit_softcap
         self.tok_emb = nn.Embedding(hp.vocab_size, dim)
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
@@ -570,10 +728,18 @@ class GPT(nn.Module):
         return losses.view(targets.shape) if per_token else losses
 
 
-def quantized_linears(model: GPT, min_numel: int) -> list[CastedLinear]:
-    """The block matrices that the export stores as int6: the layers that late QAT fake-quantises."""
-    return [m for n, m in model.named_modules() if isinstance(m, CastedLinear)
-            and export_kind(n + ".weight", m.weight, min_numel) == "int"]
+def build_model(hp: Hyperparameters, device: torch.device, attn_impl: str) -> GPT:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return GPT(hp, attn_impl, dtype).to(device)
+
+
+def maybe_compile(model: nn.Module, hp: Hyperparameters):
+    return torch.compile(model, dynamic=False, fullgraph=True) if hp.torch_compile else model
+
+
+def quantized_linears(model: GPT, quant: Quantizer) -> list[CastedLinear]:
+    """The layers whose weights the export stores at the block bits: the layers that late QAT fake-quantises."""
+    return [m for n, m in model.named_modules() if isinstance(m, CastedLinear) and quant.kind(n + ".weight", m.weight) == "int"]
 
 
 # -------------------------------------------------------------------------------------------------------- optimizer
@@ -663,12 +829,11 @@ class Muon(torch.optim.Optimizer):
                 self.pending.append((O, None, O))
 
     @torch.no_grad()
-    def finish(self, mark=lambda phase: None):
+    def finish(self):
         """Wait for the gathered updates, then apply them."""
         for _, handle, _ in self.pending:
             if handle is not None:
                 handle.wait()
-        mark("comm")
         for (gi, ps, _, _), (O, _, _) in zip(self.banks, self.pending):
             group, (m, n) = self.param_groups[gi], ps[0].shape
             lr = group["lr"]
@@ -699,7 +864,7 @@ class Optimizers:
         for g in self.muon.param_groups + self.adam.param_groups:
             g["base_lr"] = g["lr"]
 
-    def step(self, lr_scale: float, momentum: float, mark=lambda phase: None):
+    def step(self, lr_scale: float, momentum: float):
         for g in self.muon.param_groups + self.adam.param_groups:  # load_state_dict replaces the group dicts
             g["lr"] = g["base_lr"] * lr_scale
         for g in self.muon.param_groups:
@@ -709,7 +874,6 @@ class Optimizers:
             handles.append(dist.all_reduce(self.adam_grads, async_op=True))
         for h in handles:
             h.wait()
-        mark("comm")
         # the buffers hold sums over ranks; the AdamW buffer is the same on every rank, so rank 0 counts it
         sq = self.muon.local_sq_norm() + (self.adam_grads.square().sum() if self.rank == 0 else 0.0)
         if self.world > 1:
@@ -720,11 +884,9 @@ class Optimizers:
         self.adam_grads.mul_(grad_scale)
         self.muon.step(grad_scale)
         self.adam.step()
-        mark("optimizer")
-        self.muon.finish(mark)
+        self.muon.finish()
         for buf in self.grad_buffers:
             buf.zero_()
-        mark("optimizer")
 
     def state_dict(self) -> list[dict]:
         return [self.muon.state_dict(), self.adam.state_dict()]
@@ -734,32 +896,273 @@ class Optimizers:
         self.adam.load_state_dict(states[1])
 
 
-def lr_scale(progress: float, warmdown_frac: float) -> float:
-    """1 until the warmdown, then linear to 0 at the end of the run."""
-    if warmdown_frac <= 0:
-        return 1.0
-    return max(0.0, min(1.0, (1.0 - progress) / warmdown_frac))
+# --------------------------------------------------------------------------------------------------------- schedule
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Every time-dependent setting as a pure function of the run's progress p: the larger of step / ITERATIONS
+    and training time / MAX_WALLCLOCK_SECONDS, so a 150 s run has the 600 s run's shape. p >= 1 ends the run."""
+    iterations: int
+    cap_ms: float  # 0 = no time cap
+    warmdown_frac: float
+    momentum_start: float
+    momentum_end: float
+    momentum_warmup_frac: float
+    ema_frac: float  # 0 = no EMA
+    swa_every_frac: float  # 0 = no SWA
+    swa_start_scale: float
+    late_qat_threshold: float  # 0 = no QAT
+
+    @classmethod
+    def from_hp(cls, hp: Hyperparameters) -> "Schedule":
+        return cls(hp.iterations, 1000.0 * hp.max_wallclock_seconds, hp.warmdown_frac, hp.muon_momentum_warmup_start,
+                   hp.muon_momentum, hp.muon_momentum_warmup_frac, hp.ema_frac,
+                   hp.swa_every_frac if hp.swa_enabled else 0.0, hp.swa_start_scale, hp.late_qat_threshold)
+
+    def progress(self, step: int, elapsed_ms: float) -> float:
+        return max(step / self.iterations, elapsed_ms / self.cap_ms if self.cap_ms > 0 else 0.0)
+
+    def lr_scale(self, p: float) -> float:
+        """1 until the warmdown (the last WARMDOWN_FRAC of the run), then linear to 0 at its end."""
+        if self.warmdown_frac <= 0:
+            return 1.0
+        return max(0.0, min(1.0, (1.0 - p) / self.warmdown_frac))
+
+    def momentum(self, p: float) -> float:
+        """Muon momentum: linear from its start to its end value over the first MUON_MOMENTUM_WARMUP_FRAC."""
+        t = min(1.0, p / self.momentum_warmup_frac) if self.momentum_warmup_frac > 0 else 1.0
+        return self.momentum_start + t * (self.momentum_end - self.momentum_start)
+
+    def ema_decay(self, dp: float) -> float:
+        """EMA decay for a step of dp progress: the time constant is EMA_FRAC of the run (0.997 per step at ~7,100)."""
+        return math.exp(-dp / self.ema_frac) if self.ema_frac > 0 else 0.0
+
+    def qat(self, p: float) -> bool:
+        """Late QAT: on once the LR scale is below LATE_QAT_THRESHOLD (and then to the end: the scale only falls)."""
+        return self.late_qat_threshold > 0 and self.lr_scale(p) < self.late_qat_threshold
+
+    def swa_slot(self, p: float) -> int | None:
+        """The SWA interval p falls in once the LR scale is below SWA_START_SCALE (one snapshot each), else None."""
+        if self.swa_every_frac <= 0 or self.lr_scale(p) >= self.swa_start_scale:
+            return None
+        return int(p / self.swa_every_frac)
 
 
-def muon_momentum(progress: float, hp: Hyperparameters) -> float:
-    t = min(1.0, progress / hp.muon_momentum_warmup_frac) if hp.muon_momentum_warmup_frac > 0 else 1.0
-    return hp.muon_momentum_warmup_start + t * (hp.muon_momentum - hp.muon_momentum_warmup_start)
+class RunClock:
+    """Training milliseconds so far (paused while validating). Under a time cap with several ranks every rank
+    follows rank 0's clock, so all take the same LR, EMA decay and stop step: it is broadcast at every step up to
+    `sync_every`, then every `sync_every` steps, and extrapolated at the mean step time in between (one host sync
+    per `sync_every` steps; step 0's clock reads ~0, with no mean to extrapolate from)."""
+
+    def __init__(self, device: torch.device, world: int, sync_every: int, capped: bool):
+        self.device, self.sync_every, self.shared = device, sync_every, capped and world > 1
+        self.train_ms, self.synced, self.t0 = 0.0, (0, 0.0), time.perf_counter()
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def local_ms(self) -> float:
+        return self.train_ms + 1000 * (time.perf_counter() - self.t0)
+
+    def elapsed_ms(self, step: int) -> float:
+        ms = self.local_ms()
+        if not self.shared:
+            return ms
+        if step <= self.sync_every or step % self.sync_every == 0:
+            clock = torch.tensor(ms, device=self.device, dtype=torch.float64)
+            dist.broadcast(clock, 0)
+            self.synced = (step, clock.item())
+        at, ms = self.synced
+        return ms + (step - at) * ms / max(at, 1)
+
+    @contextlib.contextmanager
+    def paused(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.train_ms = self.local_ms()
+        yield
+        self.t0 = time.perf_counter()
 
 
-def ema_decay(progress_step: float, ema_frac: float) -> float:
-    """Per-step decay for an EMA whose time constant is `ema_frac` of the run (0.997 for the record's run)."""
-    return math.exp(-progress_step / ema_frac)
+# --------------------------------------------------------------------------------------------------------- training
+@dataclasses.dataclass
+class TrainingParts:
+    loader: TrainLoader
+    model: GPT
+    compiled: nn.Module
+    opt: Optimizers
+
+
+def grad_accum_steps(hp: Hyperparameters, world: int) -> int:
+    return hp.grad_accum_steps or max(1, 8 // world)
+
+
+def setup_training(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log) -> TrainingParts:
+    accum = grad_accum_steps(hp, world)
+    if hp.train_batch_tokens % (world * accum * hp.train_seq_len):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must divide into {world} ranks x {accum} "
+                          f"micro-steps x TRAIN_SEQ_LEN={hp.train_seq_len}")
+    loader = TrainLoader(list_shards(hp.data_path, "train"), rank, world, accum, hp.train_batch_tokens,
+                         hp.train_seq_len, device, hp.vocab_size)
+    model = build_model(hp, device, attn_impl)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} world_size:{world} grad_accum_steps:{accum}")
+    if world > 1:  # every rank starts from rank 0's weights (the gradients are summed by the optimizer)
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+    return TrainingParts(loader, model, maybe_compile(model, hp), Optimizers(model, hp, rank, world, hp.torch_compile))
+
+
+def train_step(parts: TrainingParts, lr_scale: float, momentum: float, mark=lambda phase: None) -> Tensor:
+    """One optimizer step on the next global batch; returns the mean loss (on device). `mark(phase)` is called
+    as each phase is queued (tools/step_timing.py times them)."""
+    batches = parts.loader.next_step()
+    mark("data")
+    loss_sum = torch.zeros((), device=batches[0][0].device)
+    for x, y in batches:
+        loss = parts.compiled(x, y)
+        mark("forward")
+        (loss / len(batches)).backward()
+        mark("backward")
+        loss_sum += loss.detach()
+    parts.opt.step(lr_scale, momentum)
+    mark("optimizer")
+    return loss_sum / len(batches)
+
+
+def set_qat(layers: list[CastedLinear], quant: Quantizer | None):
+    for m in layers:
+        m.qat = quant
+
+
+def check_qat_switch(model: nn.Module, batch: tuple[Tensor, Tensor], layers: list[CastedLinear], quant: Quantizer):
+    """Late QAT must reach the compiled forward: at the same weights and batch the loss with fake quantisation
+    on must differ from the loss with it off (a switch that torch.compile folded into the graph would not)."""
+    losses = []
+    for q in (None, quant):
+        set_qat(layers, q)
+        losses.append(model(*batch).item())
+    set_qat(layers, None)
+    if losses[0] == losses[1]:
+        raise TrainingError(f"late QAT does not change the compiled forward (loss {losses[0]:.6f} with and without): "
+                            "the switch was folded into the graph; LATE_QAT_THRESHOLD=0 trains without it")
+    return losses
+
+
+def compile_warmup(parts: TrainingParts, hp: Hyperparameters, sched: Schedule, qat_layers, quant: Quantizer, log):
+    """WARMUP_STEPS steps so that torch.compile builds every graph the run needs (the middle third runs with QAT
+    on), a check that the QAT switch reaches the compiled forward, then the initial model, optimizer state and
+    data position are restored."""
+    if hp.warmup_steps <= 0:
+        return
+    initial = {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
+    opt_states = parts.opt.state_dict()
+    t0 = time.perf_counter()
+    for i in range(hp.warmup_steps):
+        qat_on = hp.late_qat_threshold > 0 and hp.warmup_steps // 3 <= i < 2 * hp.warmup_steps // 3
+        set_qat(qat_layers, quant if qat_on else None)
+        train_step(parts, sched.lr_scale(0.0), sched.momentum(0.0))
+    log(f"warmup:{hp.warmup_steps} steps in {time.perf_counter() - t0:.1f}s (compile included)")
+    if hp.late_qat_threshold > 0 and qat_layers:
+        off, on = check_qat_switch(parts.compiled, parts.loader.next_step()[0], qat_layers, quant)
+        log(f"qat_check: compiled loss {off:.6f} with fake quantisation off, {on:.6f} on")
+    set_qat(qat_layers, None)
+    parts.model.load_state_dict(initial)
+    parts.opt.load_state_dict(opt_states)
+    parts.loader.reset()
+
+
+class WeightAverages:
+    """The EMA of the weights and the mean of SWA snapshots. `final` is what the run exports: the SWA mean if it
+    took snapshots, else the EMA, else the weights themselves."""
+
+    def __init__(self, weights: list[Tensor], ema: bool):
+        self.weights = weights  # views that follow the in-place optimizer updates
+        self.ema = [w.clone() for w in weights] if ema else None
+        self.swa, self.count, self.slot = None, 0, None
+
+    def update_ema(self, decay: float):
+        if self.ema is not None:
+            torch._foreach_lerp_(self.ema, self.weights, 1.0 - decay)
+
+    def snapshot(self, slot: int | None):
+        if slot is None or slot == self.slot:
+            return
+        self.slot, self.count = slot, self.count + 1
+        if self.swa is None:
+            self.swa = [w.clone() for w in self.weights]
+        else:
+            torch._foreach_add_(self.swa, self.weights)
+
+    def final(self, log) -> list[Tensor]:
+        if self.count:
+            log(f"swa: averaged {self.count} snapshots")
+            return [s / self.count for s in self.swa]
+        return self.ema if self.ema is not None else self.weights
+
+
+def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log, ev: EvalContext) -> GPT:
+    parts = setup_training(hp, rank, world, device, attn_impl, log)
+    sched, quant = Schedule.from_hp(hp), Quantizer.from_hp(hp)
+    qat_layers = quantized_linears(parts.model, quant)
+    compile_warmup(parts, hp, sched, qat_layers, quant, log)
+    params = list(parts.model.parameters())
+    averages = WeightAverages([p.detach() for p in params], ema=hp.ema_frac > 0)
+    clock = RunClock(device, world, hp.clock_sync_every, capped=sched.cap_ms > 0)
+    qat_on, nonfinite = False, torch.zeros((), device=device, dtype=torch.bool)
+    last_loss = torch.zeros((), device=device)
+    step, progress = 0, 0.0
+    clock.start()
+    while True:
+        elapsed_ms = clock.elapsed_ms(step)
+        new_progress = sched.progress(step, elapsed_ms)
+        stop = new_progress >= 1.0
+        if step > 0:
+            averages.update_ema(sched.ema_decay(new_progress - progress))
+        progress = min(new_progress, 1.0)
+        scale = sched.lr_scale(progress)
+        averages.snapshot(sched.swa_slot(progress))
+        if step > 0 and (step % hp.train_log_every == 0 or step <= 10 or stop):
+            stats = torch.stack((last_loss.float(), nonfinite.float()))
+            if world > 1:
+                dist.all_reduce(stats)
+            if stats[1] > 0:
+                raise TrainingError(f"non-finite train loss by step {step}: stopping (lower the LRs or check the data)")
+            avg = elapsed_ms / step
+            log(f"step:{step}/{hp.iterations} train_loss:{stats[0].item() / world:.4f} train_time:{elapsed_ms / 1000:.1f}s "
+                f"step_avg:{avg:.2f}ms tok/s:{hp.train_batch_tokens / avg * 1000:,.0f} lr_scale:{scale:.3f} "
+                f"eta:{elapsed_ms * (1 - progress) / progress / 1000:.0f}s")
+        if hp.val_loss_every > 0 and step > 0 and (step % hp.val_loss_every == 0 or stop):
+            with clock.paused():
+                ev.score(parts.model.state_dict(), f"step:{step} val")
+        if stop:
+            break
+        if not qat_on and sched.qat(progress):
+            set_qat(qat_layers, quant)
+            qat_on = True
+            log(f"late_qat:on step:{step} lr_scale:{scale:.3f}")
+        last_loss = train_step(parts, scale, sched.momentum(progress))
+        nonfinite |= ~torch.isfinite(last_loss)
+        step += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        log(f"peak_memory:{torch.cuda.max_memory_allocated() // 2**20}MiB")
+    log(f"training done: {step} steps in {elapsed_ms / 1000:.1f}s ({elapsed_ms / max(step, 1):.2f} ms/step)")
+    final = averages.final(log)
+    with torch.no_grad():
+        for p, f in zip(params, final):
+            p.copy_(f)
+        if world > 1:  # a digest of the final weights: every rank must hold the same model
+            digest = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params]).sum(0)
+            lo, hi = digest.clone(), digest.clone()
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+            log(f"ranks_in_sync:{int(torch.equal(lo, hi))}")
+    set_qat(qat_layers, None)
+    return parts.model
 
 
 # ---------------------------------------------------------------------------------------------- quantization/export
-def export_kind(name: str, t: Tensor, min_numel: int) -> str:
-    """int: large matrices (attention, MLP); int_embed: large embedding tables; fp32: control tensors (scales,
-    gates, mixes, q gains, skip weights); fp16: the other small tensors."""
-    if t.ndim == 2 and t.numel() > min_numel:
-        return "int_embed" if name.endswith("emb.weight") or name.endswith("embed.weight") else "int"
-    return "fp32" if t.ndim < 2 or name.endswith(("resid_mix", "skip_weights")) else "fp16"
-
-
 def quantize_rows(w: Tensor, bits: int, percentiles: tuple[float, ...], clip_floor: float) -> tuple[Tensor, Tensor]:
     """Symmetric per-row quantisation to [-(2^(b-1)-1), 2^(b-1)-1] with an fp16 scale. For each row the clip is
     the percentile of |w| (linear interpolation) among `percentiles` that gives the least squared error, but never
@@ -791,8 +1194,52 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+    """What the export does to each tensor, shared by late QAT, the export and the size fit. Block matrices
+    (attention, MLP) become `bits`-bit integers per row, embedding tables `embed_bits`; control tensors stay fp32
+    and the other small tensors fp16. This one (gptq_lite) picks each row's clip from `percentiles` by squared
+    error; a Hessian-based quantiser subclasses it, overrides `quantize` (it gets the tensor's name to find its
+    Hessian) and registers in QUANTIZERS. QAT keeps the row quantiser: it sees no Hessians while training."""
+    bits: int
+    embed_bits: int
+    percentiles: tuple[float, ...]
+    clip_floor: float
+    min_numel: int  # tensors with at most this many elements are not quantised
+
+    @classmethod
+    def from_hp(cls, hp: Hyperparameters) -> "Quantizer":
+        return QUANTIZERS[hp.quantizer](hp.quant_bits, hp.embed_quant_bits, hp.percentiles, hp.quant_clip_floor,
+                                        hp.quant_min_numel)
+
+    def kind(self, name: str, t: Tensor) -> str:
+        """int: large matrices; int_embed: large embedding tables; fp32: control tensors (scales, gates, mixes,
+        q gains, skip weights); fp16: the other small tensors."""
+        if t.ndim == 2 and t.numel() > self.min_numel:
+            return "int_embed" if name.endswith(("emb.weight", "embed.weight")) else "int"
+        return "fp32" if t.ndim < 2 or name.endswith(("resid_mix", "skip_weights")) else "fp16"
+
+    def bits_of(self, kind: str) -> int:
+        return self.bits if kind == "int" else self.embed_bits
+
+    def quantize(self, name: str, w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+        """(int8 values, fp16 row scales) of a 2-D tensor."""
+        return quantize_rows(w, bits, self.percentiles, self.clip_floor)
+
+    def fake_quantize(self, w: Tensor) -> Tensor:
+        """A block matrix as the export's row quantiser stores it (late QAT's forward)."""
+        return dequantize_rows(*quantize_rows(w, self.bits, self.percentiles, self.clip_floor)).to(w.dtype)
+
+    def with_floor(self, clip_floor: float) -> "Quantizer":
+        return dataclasses.replace(self, clip_floor=clip_floor)
+
+
+QUANTIZERS = {"gptq_lite": Quantizer}
 ARTIFACT_MAGIC = b"PGA1"
 CODECS = {"zstd": 1, "brotli": 2}
+MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "leaky_relu_slope",
+              "rope_dims", "rope_base", "qk_gain_init", "ln_scale", "xsa_last_n", "ve_dim", "ve_last_n", "smear_gate",
+              "bigram_vocab_size", "bigram_dim", "logit_softcap", "tied_embed_init_std")
 
 
 def compress(raw: bytes, codec: str) -> bytes:
@@ -816,7 +1263,7 @@ def decompress(blob: bytes, codec: str) -> bytes:
     return brotli.decompress(blob)
 
 
-def pack_state(state: dict[str, Tensor], hp: Hyperparameters, clip_floor: float) -> bytes:
+def pack_state(state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer) -> bytes:
     """Quantise a state dict and lay it out as: u32 header length, JSON header, raw tensor bytes."""
     entries, chunks, offset = [], [], 0
 
@@ -828,10 +1275,10 @@ def pack_state(state: dict[str, Tensor], hp: Hyperparameters, clip_floor: float)
         offset += len(data)
 
     for name, t in state.items():
-        kind = export_kind(name, t, hp.quant_min_numel)
+        kind = quant.kind(name, t)
         if kind.startswith("int"):
-            bits = hp.quant_bits if kind == "int" else hp.embed_quant_bits
-            q, scale = quantize_rows(t, bits, hp.percentiles, clip_floor)
+            bits = quant.bits_of(kind)
+            q, scale = quant.quantize(name, t, bits)
             add(name, f"int{bits}", q)
             add(name + ".scale", "scale", scale)
         else:
@@ -847,25 +1294,27 @@ def unpack_state(raw: bytes) -> tuple[dict, dict[str, Tensor]]:
     try:
         hlen = int.from_bytes(raw[:4], "little")
         header = json.loads(raw[4:4 + hlen])
+        config, entries, crc = header["config"], header["tensors"], header["crc32"]
     except (ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"artifact header unreadable: {e}") from None
     payload = raw[4 + hlen:]
-    if zlib.crc32(payload) != header["crc32"]:
+    if zlib.crc32(payload) != crc:
         raise ArtifactError("artifact payload checksum mismatch: corrupt artifact")
-    raw_tensors = {}
-    for name, kind, dtype, shape, off, nbytes in header["tensors"]:
-        arr = np.frombuffer(payload, dtype=np.dtype(getattr(np, dtype)), count=nbytes // np.dtype(getattr(np, dtype)).itemsize, offset=off)
-        raw_tensors[name] = (kind, torch.from_numpy(arr.copy()).view(shape))
-    state = {}
-    for name, (kind, t) in raw_tensors.items():
-        if kind == "scale":
-            continue
-        state[name] = dequantize_rows(t, raw_tensors[name + ".scale"][1]) if kind.startswith("int") else t.float()
-    return header["config"], state
+    try:
+        raw_tensors = {}
+        for name, kind, dtype, shape, off, nbytes in entries:
+            np_dtype = np.dtype(getattr(np, dtype))
+            arr = np.frombuffer(payload, dtype=np_dtype, count=nbytes // np_dtype.itemsize, offset=off)
+            raw_tensors[name] = (kind, torch.from_numpy(arr.copy()).view(shape))
+        state = {name: dequantize_rows(t, raw_tensors[name + ".scale"][1]) if kind.startswith("int") else t.float()
+                 for name, (kind, t) in raw_tensors.items() if kind != "scale"}
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # a table that does not fit its payload
+        raise ArtifactError(f"artifact tensor table does not match its payload ({type(e).__name__}: {e})") from None
+    return config, state
 
 
-def write_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, clip_floor: float) -> int:
-    blob = ARTIFACT_MAGIC + bytes([CODECS[hp.compressor]]) + compress(pack_state(state, hp, clip_floor), hp.compressor)
+def write_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer) -> int:
+    blob = ARTIFACT_MAGIC + bytes([CODECS[hp.compressor]]) + compress(pack_state(state, hp, quant), hp.compressor)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -875,17 +1324,18 @@ def write_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, cli
 
 
 def export_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, code_bytes: int, log) -> int:
-    floor = hp.quant_clip_floor
+    """Write the artifact; with SIZE_FIT, raise the clip floor by 10% until code + artifact fit SIZE_LIMIT."""
+    quant = Quantizer.from_hp(hp)
     while True:
         t0 = time.perf_counter()
-        nbytes = write_artifact(path, state, hp, floor)
-        log(f"artifact:{path} {nbytes} bytes ({hp.compressor}) clip_floor:{floor:.4f} "
+        nbytes = write_artifact(path, state, hp, quant)
+        log(f"artifact:{path} {nbytes} bytes ({hp.compressor}) clip_floor:{quant.clip_floor:.4f} "
             f"export_time:{time.perf_counter() - t0:.1f}s")
         if nbytes + code_bytes <= hp.size_limit or not hp.size_fit:
             return nbytes
-        floor *= 1.1
-        log(f"size_fit: {nbytes + code_bytes} bytes is over {hp.size_limit}; retrying with clip_floor {floor:.4f} "
-            f"(training used {hp.quant_clip_floor:.4f})")
+        quant = quant.with_floor(quant.clip_floor * 1.1)
+        log(f"size_fit: {nbytes + code_bytes} bytes is over {hp.size_limit}; retrying with clip_floor "
+            f"{quant.clip_floor:.4f} (training used {hp.quant_clip_floor:.4f})")
 
 
 def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
@@ -900,11 +1350,6 @@ def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
     except Exception as e:  # each codec raises its own error type for truncated input
         raise ArtifactError(f"{path}: cannot decompress ({codecs[blob[4]]}): truncated or corrupt artifact ({e})") from None
     return unpack_state(raw)
-
-
-MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "leaky_relu_slope",
-              "rope_dims", "rope_base", "qk_gain_init", "ln_scale", "xsa_last_n", "ve_dim", "ve_last_n", "smear_gate",
-              "bigram_vocab_size", "bigram_dim", "logit_softcap", "tied_embed_init_std")
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation
@@ -923,172 +1368,137 @@ def rank_slice(items: list, rank: int, world: int) -> list:
     return items[rank * len(items) // world:(rank + 1) * len(items) // world]
 
 
-@torch.inference_mode()
-def evaluate(model, tokens: Tensor, tables, seq_len: int, stride: int, batch_seqs: int, rank: int, world: int):
+def eval_spans(num_preds: int, seq_len: int, stride: int, span_preds: int, rank: int, world: int):
+    """In stream order: ((start, end) of a span of predictions, this rank's chunks of it). Spans hold whole chunks
+    and at most span_preds predictions (0: the whole stream is one span); every rank sees every span."""
+    chunks = scored_chunks(num_preds, seq_len, stride)
+    if span_preds <= 0:
+        yield (0, num_preds), rank_slice(chunks, rank, world)
+        return
+    i = 0
+    while i < len(chunks):
+        j = i + 1
+        while j < len(chunks) and chunks[j][1] - chunks[i][0] <= span_preds:
+            j += 1
+        yield (chunks[i][0], chunks[j - 1][1]), rank_slice(chunks[i:j], rank, world)
+        i = j
+
+
+def window_batch(tokens: Tensor, chunks: list[tuple[int, int]], seq_len: int, batch_seqs: int):
+    """(inputs, targets, scored mask) of a fixed-shape batch (the compiled model sees one shape): chunk (s, e)
+    is scored by the window [max(0, e - seq_len), e); padding rows repeat the last window and are masked out."""
+    device, n_real = tokens.device, len(chunks)
+    chunks = chunks + [chunks[-1]] * (batch_seqs - n_real)
+    ends = torch.tensor([e for _, e in chunks], device=device)
+    scored_from = torch.tensor([s for s, _ in chunks], device=device)
+    idx = (ends - seq_len).clamp_min(0)[:, None] + torch.arange(seq_len, device=device)
+    mask = (idx >= scored_from[:, None]) & (idx < ends[:, None])
+    mask[n_real:] = False
+    idx = idx.clamp_max(tokens.numel() - 2)
+    return tokens[idx], tokens[idx + 1], mask
+
+
+class Adapter:
+    """The score-then-adapt hook of `evaluate`. The stream is cut into spans of at most `span_preds` predictions
+    (0: one span); all ranks score a span (`scored` sees each batch with its per-token losses), then every rank
+    calls `adapt(start, end)`: the weights may learn from predictions [start, end), all scored already, and
+    nothing is scored twice. This one learns nothing."""
+    span_preds = 0
+
+    def scored(self, x: Tensor, y: Tensor, mask: Tensor, losses: Tensor):
+        pass
+
+    def adapt(self, start: int, end: int):
+        pass
+
+
+def evaluate(model, tokens: Tensor, tables, seq_len: int, stride: int, batch_seqs: int, rank: int, world: int,
+             adapter: Adapter | None = None) -> tuple[float, float]:
     """Exact val loss (nats/token) and bpb; every prediction is scored exactly once across all ranks."""
-    device = tokens.device
-    chunks = rank_slice(scored_chunks(tokens.numel() - 1, seq_len, stride), rank, world)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, tokens, bytes
-    pos = torch.arange(seq_len, device=device)
-    for i in range(0, len(chunks), batch_seqs):
-        batch = chunks[i:i + batch_seqs]
-        n_real = len(batch)
-        batch = batch + [batch[-1]] * (batch_seqs - n_real)  # fixed shape for the compiled model
-        ends = torch.tensor([e for _, e in batch], device=device)
-        scored_from = torch.tensor([s for s, _ in batch], device=device)
-        starts = (ends - seq_len).clamp_min(0)
-        idx = starts[:, None] + pos
-        mask = (idx >= scored_from[:, None]) & (idx < ends[:, None])
-        mask[n_real:] = False
-        idx = idx.clamp_max(tokens.numel() - 2)
-        x, y = tokens[idx], tokens[idx + 1]
-        losses = model(x, y, per_token=True).double()
-        sums[0] += (losses * mask).sum()
-        sums[1] += mask.sum()
-        sums[2] += (count_bytes(x, y, tables) * mask).sum()
+    adapter = adapter or Adapter()
+    sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)  # loss, tokens, bytes
+    for (start, end), chunks in eval_spans(tokens.numel() - 1, seq_len, stride, adapter.span_preds, rank, world):
+        with torch.no_grad():
+            for i in range(0, len(chunks), batch_seqs):
+                x, y, mask = window_batch(tokens, chunks[i:i + batch_seqs], seq_len, batch_seqs)
+                losses = model(x, y, per_token=True).double()
+                sums[0] += (losses * mask).sum()
+                sums[1] += mask.sum()
+                sums[2] += (count_bytes(x, y, tables) * mask).sum()
+                adapter.scored(x, y, mask, losses)
+        adapter.adapt(start, end)
     if world > 1:
         dist.all_reduce(sums)
     loss, ntok, nbytes = sums.tolist()
     return loss / ntok, loss / (math.log(2) * nbytes)
 
 
+class EvalContext:
+    """Validation tokens, byte tables and one compiled evaluation model whose weights are swapped in."""
+
+    def __init__(self, hp, rank, world, device, attn_impl, log):
+        self.hp, self.rank, self.world, self.log = hp, rank, world, log
+        sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+        self.tables = tuple(t.to(device) for t in build_byte_tables(sp))
+        val = load_val_tokens(hp.data_path, hp.eval_seq_len, hp.vocab_size)
+        self.tokens = torch.from_numpy(val.astype(np.int64)).to(device)
+        self.model = build_model(hp, device, attn_impl).eval()
+        self.compiled = maybe_compile(self.model, hp)
+        self.batch_seqs = max(1, hp.val_batch_size // (world * hp.eval_seq_len))
+        log(f"val_tokens:{self.tokens.numel()} eval_seq_len:{hp.eval_seq_len} stride:{hp.eval_stride}")
+
+    def score(self, state: dict[str, Tensor], label: str, stride: int | None = None,
+              adapter: Adapter | None = None) -> tuple[float, float]:
+        self.model.load_state_dict(state, strict=True)
+        t0 = time.perf_counter()
+        loss, bpb = evaluate(self.compiled, self.tokens, self.tables, self.hp.eval_seq_len,
+                             stride or self.hp.eval_seq_len, self.batch_seqs, self.rank, self.world, adapter)
+        self.log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{time.perf_counter() - t0:.1f}s")
+        return loss, bpb
+
+
+def score_artifact(path: str, code_bytes: int, ev: EvalContext):
+    t0 = time.perf_counter()
+    _, state = read_artifact(path)
+    ev.log(f"artifact:{path} loaded and dequantised in {time.perf_counter() - t0:.1f}s")
+    ev.score(state, "final_int6_roundtrip_exact")
+    ev.score(state, "final_int6_sliding_window_exact", stride=ev.hp.eval_stride)
+    artifact_bytes = os.path.getsize(path)
+    ev.log(f"Total submission size int6+{ev.hp.compressor}: {artifact_bytes + code_bytes} bytes "
+           f"(model {artifact_bytes} + code {code_bytes})")
+
+
+def with_artifact_config(hp: Hyperparameters, path: str) -> Hyperparameters:
+    """The model shape comes from the artifact's header, whatever the env says."""
+    config, _ = read_artifact(path)
+    missing = [k for k in MODEL_KEYS if k not in config]
+    try:
+        if missing:
+            raise ConfigError(f"it lacks {', '.join(missing)}")
+        hp = dataclasses.replace(hp, **{k: config[k] for k in MODEL_KEYS})
+        hp.validate()
+    except (ConfigError, TypeError) as e:
+        raise ArtifactError(f"{path}: the model config in its header is not usable ({e})") from None
+    return hp
+
+
 # ------------------------------------------------------------------------------------------------------------- main
 class Logger:
+    """Rank 0 prints each line and appends it to logs/<RUN_ID>.txt; the other ranks stay quiet."""
+
     def __init__(self, path: str | None):
         self.file = None
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", encoding="utf-8")
 
-    def __call__(self, msg: str):
+    def __call__(self, msg: str, echo: bool = True):
         if self.file is None:
             return
-        print(msg, flush=True)
+        if echo:
+            print(msg, flush=True)
         self.file.write(msg + "\n")
         self.file.flush()
-
-
-def relative_error(a: Tensor, ref: Tensor) -> float:
-    """|a - ref| / |ref| in float64 (Frobenius norms)."""
-    return ((a.double() - ref).norm() / ref.norm()).item()
-
-
-def median_cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
-    """Median milliseconds of fn() over `reps` CUDA-event-timed calls, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
-
-
-def attention_candidates(requested: str) -> list[tuple[str, str, object]]:
-    """(label, attention impl, SDPA backend or None) for each implementation this machine can run."""
-    from torch.nn.attention import SDPBackend
-    kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    names = ["fa3", "cudnn", "flash", "efficient"] if requested == "auto" else [requested]
-    out = []
-    for name in names:
-        if name == "fa3":
-            try:
-                import flash_attn_interface  # noqa: F401
-                out.append(("fa3", "fa3", None))
-            except ImportError:
-                if requested != "auto":
-                    raise ConfigError("ATTN_BACKEND=fa3 but flash_attn_interface is not importable") from None
-        elif name in kernels:
-            out += [(f"{name}/{impl}", impl, kernels[name]) for impl in ("sdpa", "sdpa_expand")]
-        else:
-            raise ConfigError(f"ATTN_BACKEND={name!r} is not one of auto, fa3, {', '.join(kernels)}")
-    return out
-
-
-def select_attention(requested: str, device: torch.device, hp: Hyperparameters, batch_seqs: int, log) -> str:
-    """The attention implementation with the least median forward+backward time at the training shapes
-    (batch_seqs sequences per micro-step) among those whose output matches a float64 reference."""
-    if device.type != "cuda":
-        log("attention: torch SDPA on CPU")
-        return "sdpa"
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    hd, T, B = hp.model_dim // hp.num_heads, hp.train_seq_len, batch_seqs
-    q = torch.randn(B, T, hp.num_heads, hd, device=device, dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(B, T, hp.num_kv_heads, hd, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    with sdpa_kernel(SDPBackend.MATH):
-        ref = attention(*(t[:1].detach().double() for t in (q, k, v)), "sdpa")
-    timings, notes = {}, []
-    for label, impl, backend in attention_candidates(requested):
-        try:
-            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # SDPA kernels that cannot take these inputs warn, then raise
-                err = relative_error(attention(q, k, v, impl)[:1], ref)
-                ms = median_cuda_ms(lambda: attention(q, k, v, impl).sum().backward())
-        except Exception as e:  # a kernel that cannot take these shapes or dtypes says so in various ways
-            notes.append(f"{label} failed ({type(e).__name__}: {str(e)[:120]})")
-            continue
-        if err > 1e-2:
-            notes.append(f"{label} rejected (relative error {err:.1e})")
-            continue
-        timings[(label, impl)] = ms
-    log(f"attention timings (fwd+bwd median ms, B={B}): " + ", ".join(f"{n}:{t:.2f}" for (n, _), t in timings.items())
-        + "".join(f"; {n}" for n in notes))
-    if not timings:
-        raise ConfigError(f"no attention implementation runs correctly on this GPU ({'; '.join(notes)})")
-    label, impl = min(timings, key=timings.get)
-    kernel = label.split("/")[0]
-    for name, setter in (("cudnn", torch.backends.cuda.enable_cudnn_sdp), ("flash", torch.backends.cuda.enable_flash_sdp),
-                         ("efficient", torch.backends.cuda.enable_mem_efficient_sdp), ("math", torch.backends.cuda.enable_math_sdp)):
-        setter(impl not in ("sdpa", "sdpa_expand") or name == kernel)
-    log(f"attention: {label}")
-    return impl
-
-
-def mlp_output_and_grads(mlp: MLP, x: Tensor, d_out: Tensor) -> list[Tensor]:
-    """[out, d x, d W_fc, d W_proj] of `mlp` at x for the upstream gradient d_out, both cast to its weights' dtype."""
-    dtype = mlp.fc.weight.dtype
-    x = x.detach().to(dtype).requires_grad_()
-    out = mlp(x)
-    return [out, *torch.autograd.grad(out, (x, mlp.fc.weight, mlp.proj.weight), d_out.to(dtype))]
-
-
-def select_mlp_kernel(hp: Hyperparameters, device: torch.device, log) -> str:
-    """MLP_KERNEL resolved: the fused Triton kernel where it runs and matches the torch path in float64
-    (output and all three gradients), else the torch path; an explicit request that cannot be met is an error."""
-    want = hp.mlp_kernel
-    if want not in ("auto", "triton", "torch"):
-        raise ConfigError(f"MLP_KERNEL={want!r} is not one of auto, triton, torch")
-    if want == "torch" or (want == "auto" and (device.type != "cuda" or triton is None)):
-        log("mlp: torch")
-        return "torch"
-    if triton is None:
-        raise ConfigError("MLP_KERNEL=triton but triton is not importable")
-    dim, hidden = hp.model_dim, int(hp.mlp_mult * hp.model_dim)
-    gen = torch.Generator(device=device).manual_seed(0)
-    x, w_fc, w_proj = (torch.randn(*s, device=device, generator=gen) / s[-1] ** 0.5 for s in ((4096, dim), (hidden, dim), (dim, hidden)))
-    d_out = torch.randn(4096, dim, device=device, generator=gen)
-    try:
-        errs = []
-        for impl, dtype in (("triton", torch.bfloat16 if device.type == "cuda" else torch.float32), ("torch", torch.float64)):
-            mlp = MLP(dim, hidden, hp.leaky_relu_slope, impl).to(device, dtype)
-            mlp.load_state_dict({"fc.weight": w_fc, "proj.weight": w_proj})
-            errs.append(mlp_output_and_grads(mlp, x, d_out))
-        err = max(relative_error(a, r) for a, r in zip(*errs))
-        problem = "" if err <= 1e-2 else f"off by {err:.1e} against float64"
-    except Exception as e:  # a GPU or triton build that cannot compile the kernel
-        problem = f"{type(e).__name__}: {str(e)[:200]}"
-    if not problem:
-        log(f"mlp: triton (largest relative error of output and gradients vs float64: {err:.1e})")
-        return "triton"
-    if want == "triton":
-        raise ConfigError(f"MLP_KERNEL=triton: the fused kernel failed its check ({problem})")
-    log(f"mlp: torch (the fused kernel failed its check: {problem})")
-    return "torch"
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -1105,258 +1515,42 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def build_model(hp: Hyperparameters, device: torch.device, attn_impl: str) -> GPT:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return GPT(hp, attn_impl, dtype).to(device)
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def maybe_compile(model: nn.Module, hp: Hyperparameters):
-    if hp.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"COMPILE_MODE={hp.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
-    if hp.inductor_tuning:
-        from torch._inductor import config as inductor_config
-        inductor_config.coordinate_descent_tuning = True
-    return torch.compile(model, dynamic=False, fullgraph=True, mode=hp.compile_mode) if hp.torch_compile else model
-
-
-class EvalContext:
-    """Validation tokens, byte tables and one compiled evaluation model whose weights are swapped in."""
-
-    def __init__(self, hp, rank, world, device, attn_impl, log):
-        self.hp, self.rank, self.world, self.log = hp, rank, world, log
-        sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-        self.tables = tuple(t.to(device) for t in build_byte_tables(sp))
-        self.tokens = torch.from_numpy(load_val_tokens(hp.data_path, hp.eval_seq_len).astype(np.int64)).to(device)
-        self.model = build_model(hp, device, attn_impl).eval()
-        self.compiled = maybe_compile(self.model, hp)
-        self.batch_seqs = max(1, hp.val_batch_size // (world * hp.eval_seq_len))
-        log(f"val_tokens:{self.tokens.numel()} eval_seq_len:{hp.eval_seq_len} stride:{hp.eval_stride}")
-
-    def score(self, state: dict[str, Tensor], label: str, stride: int | None = None) -> tuple[float, float]:
-        self.model.load_state_dict(state, strict=True)
-        t0 = time.perf_counter()
-        loss, bpb = evaluate(self.compiled, self.tokens, self.tables, self.hp.eval_seq_len,
-                             stride or self.hp.eval_seq_len, self.batch_seqs, self.rank, self.world)
-        self.log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{time.perf_counter() - t0:.1f}s")
-        return loss, bpb
-
-
-def score_artifact(path: str, code_bytes: int, ev: EvalContext):
-    t0 = time.perf_counter()
-    _, state = read_artifact(path)
-    ev.log(f"artifact:{path} loaded and dequantised in {time.perf_counter() - t0:.1f}s")
-    ev.score(state, "final_int6_roundtrip_exact")
-    ev.score(state, "final_int6_sliding_window_exact", stride=ev.hp.eval_stride)
-    artifact_bytes = os.path.getsize(path)
-    ev.log(f"Total submission size int6+{ev.hp.compressor}: {artifact_bytes + code_bytes} bytes "
-           f"(model {artifact_bytes} + code {code_bytes})")
-
-
-def grad_accum_steps(hp: Hyperparameters, world: int) -> int:
-    return hp.grad_accum_steps or max(1, 8 // world)
-
-
-class PhaseTimer:
-    """Marks the end of each step phase with a CUDA event (a host clock on CPU); the time since the previous
-    mark is charged to the phase. Events are only read, with one sync, when a report is asked for."""
-
-    def __init__(self, device: torch.device):
-        self.cuda, self.on, self.marks, self.steps = device.type == "cuda", False, [], 0
-
-    def mark(self, phase: str):
-        if self.on:
-            if self.cuda:
-                event = torch.cuda.Event(enable_timing=True)
-                event.record()
-                self.marks.append((phase, event))
-            else:
-                self.marks.append((phase, time.perf_counter()))
-
-    def start(self):
-        self.on, self.marks, self.steps = True, [], 0
-        self.mark("start")
-
-    def report(self) -> str:
-        """Mean ms per step of each phase since start(); starts the next interval."""
-        if self.cuda:
-            torch.cuda.synchronize()
-        totals: dict[str, float] = {}
-        for (_, a), (phase, b) in zip(self.marks, self.marks[1:]):
-            ms = a.elapsed_time(b) if self.cuda else 1000 * (b - a)
-            totals[phase] = totals.get(phase, 0.0) + ms
-        steps = max(self.steps, 1)
-        self.start()
-        return " ".join(f"{k}:{v / steps:.2f}" for k, v in totals.items()) + f" total:{sum(totals.values()) / steps:.2f}"
-
-
-def profile_table(prof, steps: int) -> str:
-    """CUDA kernel time per step by kind, from a torch.profiler run."""
-    kinds = (("attention", ("flash", "fmha", "attention", "sdpa")), ("comm", ("nccl",)),
-             ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "wgmma")), ("fused_pointwise", ("triton",)),
-             ("optimizer", ("foreach", "multi_tensor", "adam")), ("copy/fill", ("memcpy", "memset", "copy", "fill")))
-    totals, top = {}, []
-    for ev in prof.key_averages():
-        us = ev.self_device_time_total
-        if not us:
-            continue
-        kind = next((k for k, words in kinds if any(w in ev.key.lower() for w in words)), "other")
-        totals[kind] = totals.get(kind, 0.0) + us / 1000 / steps
-        top.append((us / 1000 / steps, kind, ev.key[:90]))
-    lines = ["profile_ms_per_step " + " ".join(f"{k}:{v:.2f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
-             + f" total:{sum(totals.values()):.2f}"]
-    lines += [f"profile_kernel {ms:8.3f}ms {kind:15s} {name}" for ms, kind, name in sorted(top, reverse=True)[:40]]
-    return "\n".join(lines)
-
-
-def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log, ev: EvalContext):
-    accum = grad_accum_steps(hp, world)
-    if hp.train_batch_tokens % (world * accum * hp.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must divide into {world} ranks x {accum} "
-                          f"micro-steps x TRAIN_SEQ_LEN={hp.train_seq_len}")
-    loader = TrainLoader(list_shards(hp.data_path, "train"), rank, world, accum, hp.train_batch_tokens, hp.train_seq_len, device)
-    model = build_model(hp, device, attn_impl)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())} world_size:{world} grad_accum_steps:{accum}")
-    if world > 1:  # every rank starts from rank 0's weights (the gradients are summed by the optimizer)
-        for t in model.state_dict().values():
-            dist.broadcast(t, 0)
-    compiled = maybe_compile(model, hp)
-    opt = Optimizers(model, hp, rank, world, compile_ns=hp.torch_compile)
-    params = list(model.parameters())
-    qat_layers = quantized_linears(model, hp.quant_min_numel)
-    cap_ms = 1000 * hp.max_wallclock_seconds
-    timer = PhaseTimer(device)
-
-    def train_step(scale: float, momentum: float) -> Tensor:
-        batches = loader.next_step()
-        timer.mark("data")
-        loss_sum = torch.zeros((), device=device)
-        for x, y in batches:
-            loss = compiled(x, y)
-            timer.mark("forward")
-            (loss / len(batches)).backward()
-            timer.mark("backward")
-            loss_sum += loss.detach()
-        opt.step(scale, momentum, timer.mark)
-        timer.steps += 1
-        return loss_sum / len(batches)
-
-    def set_qat(on: bool):
-        for m in qat_layers:
-            m.qat = (hp.quant_bits, hp.percentiles, hp.quant_clip_floor) if on else None
-
-    # compile warm-up (QAT graphs included), then restore the initial state
-    if hp.warmup_steps > 0:
-        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        opt_states = opt.state_dict()
-        t0 = time.perf_counter()
-        timed = min(5, hp.warmup_steps // 4)  # the last steps run compiled graphs only: time their phases
-        prof = None
-        for i in range(hp.warmup_steps):
-            set_qat(hp.late_qat_threshold > 0 and hp.warmup_steps // 3 <= i < 2 * hp.warmup_steps // 3)
-            if i == hp.warmup_steps - timed:
-                timer.start()
-                if hp.profile:
-                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-                    prof.start()
-            train_step(1.0, hp.muon_momentum_warmup_start)
-        log(f"warmup:{hp.warmup_steps} steps in {time.perf_counter() - t0:.1f}s (compile included)")
-        if prof is not None:
-            prof.stop()
-            log(profile_table(prof, timed))
-        if timed:
-            log(f"step_phases_ms {timer.report()} (last {timed} warm-up steps)")
-        timer.on = False
-        set_qat(False)
-        model.load_state_dict(initial)
-        opt.load_state_dict(opt_states)
-        loader.reset()
-
-    weights = [p.detach() for p in params]  # views that follow the in-place optimiser updates
-    ema = [w.clone() for w in weights] if hp.ema_frac > 0 else None
-    swa, swa_count, swa_slot = None, 0, -1
-    qat_on, nonfinite = False, torch.zeros((), device=device, dtype=torch.bool)
-    last_loss = torch.zeros((), device=device)
-    step, train_ms, progress, synced = 0, 0.0, 0.0, (0, 0.0)
+def run(hp: Hyperparameters, rank: int, world: int, device: torch.device, log):
+    """Train, export and score (or, with EVAL_ARTIFACT, only score)."""
+    log(f"command: {' '.join(sys.argv)}")
+    log("hyperparameters: " + json.dumps(dataclasses.asdict(hp), sort_keys=True))
+    log(f"torch:{torch.__version__} device:{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+    code = Path(__file__).read_bytes()
+    log(f"code: {Path(__file__).name} {len(code)} bytes sha256:{hashlib.sha256(code).hexdigest()}")
+    torch.manual_seed(hp.seed)
+    np.random.seed(hp.seed)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    if hp.phase_timing:
-        timer.start()
-    t_start = time.perf_counter()
-    while True:
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t_start)
-        if world > 1 and cap_ms > 0:
-            # every rank follows rank 0's clock (same LR, EMA decay and stop step); between reads it is
-            # extrapolated at the mean step time, so only one step in CLOCK_SYNC_EVERY waits for the GPU
-            # (every step up to the first such read: step 0's clock reads ~0, no mean to extrapolate from)
-            if step <= hp.clock_sync_every or step % hp.clock_sync_every == 0:
-                clock = torch.tensor(elapsed_ms, device=device, dtype=torch.float64)
-                dist.broadcast(clock, 0)
-                synced = (step, clock.item())
-            elapsed_ms = synced[1] + (step - synced[0]) * synced[1] / max(synced[0], 1)
-        new_progress = max(step / hp.iterations, elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
-        stop = new_progress >= 1.0
-        if ema is not None and step > 0:
-            torch._foreach_lerp_(ema, weights, 1.0 - ema_decay(new_progress - progress, hp.ema_frac))
-        progress = min(new_progress, 1.0)
-        scale = lr_scale(progress, hp.warmdown_frac)
-        if hp.swa_enabled and scale < hp.swa_start_scale and int(progress / hp.swa_every_frac) != swa_slot:
-            swa_slot = int(progress / hp.swa_every_frac)
-            if swa is None:
-                swa = [w.clone() for w in weights]
-            else:
-                torch._foreach_add_(swa, weights)
-            swa_count += 1
-        timer.mark("ema")
-        is_log = step % hp.train_log_every == 0 or step <= 10 or stop
-        if is_log and step > 0:
-            stats = torch.stack((last_loss.float(), nonfinite.float()))
-            if world > 1:
-                dist.all_reduce(stats)
-            if stats[1] > 0:
-                raise TrainingError(f"non-finite train loss by step {step}: stopping (lower the LRs or check the data)")
-            avg = elapsed_ms / step
-            eta = (cap_ms - elapsed_ms) / 1000 if cap_ms > 0 else (hp.iterations - step) * avg / 1000
-            log(f"step:{step}/{hp.iterations} train_loss:{stats[0].item() / world:.4f} train_time:{elapsed_ms / 1000:.1f}s "
-                f"step_avg:{avg:.2f}ms tok/s:{hp.train_batch_tokens / avg * 1000:,.0f} lr_scale:{scale:.3f} eta:{max(eta, 0):.0f}s")
-            if hp.phase_timing and step % hp.train_log_every == 0:
-                log(f"phases_ms {timer.report()} (steps {step - hp.train_log_every + 1}-{step})")
-        if hp.val_loss_every > 0 and step > 0 and (step % hp.val_loss_every == 0 or stop):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_ms += 1000 * (time.perf_counter() - t_start)
-            ev.score(model.state_dict(), f"step:{step} val")
-            t_start = time.perf_counter()
-        if stop:
-            break
-        if not qat_on and hp.late_qat_threshold > 0 and scale < hp.late_qat_threshold:
-            set_qat(True)
-            qat_on = True
-            log(f"late_qat:on step:{step} lr_scale:{scale:.3f}")
-        last_loss = train_step(scale, muon_momentum(progress, hp))
-        nonfinite |= ~torch.isfinite(last_loss)
-        step += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        log(f"peak_memory:{torch.cuda.max_memory_allocated() // 2**20}MiB")
-    log(f"training done: {step} steps in {elapsed_ms / 1000:.1f}s ({elapsed_ms / max(step, 1):.2f} ms/step)")
-    final = ema if ema is not None else weights
-    if swa_count:
-        final = [s / swa_count for s in swa]
-        log(f"swa: averaged {swa_count} snapshots")
-    with torch.no_grad():
-        for p, f in zip(params, final):
-            p.copy_(f)
-        if world > 1:  # a digest of the final weights: every rank must hold the same model
-            digest = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params]).sum(0)
-            lo, hi = digest.clone(), digest.clone()
-            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-            log(f"ranks_in_sync:{int(torch.equal(lo, hi))}")
-    set_qat(False)
-    return model
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    artifact = hp.eval_artifact or hp.artifact_path or f"logs/{hp.run_id}.int6.ptz"
+    if hp.eval_artifact:
+        hp = with_artifact_config(hp, artifact)  # fails fast on a bad file
+    else:
+        compress(b"", hp.compressor)  # a missing codec or an unwritable artifact folder fails now, not after training
+        Path(artifact).parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(Path(artifact).parent, os.W_OK):
+            raise ConfigError(f"cannot write the artifact {artifact}: its folder is not writable (set ARTIFACT_PATH)")
+    micro_batch = max(1, hp.train_batch_tokens // (world * grad_accum_steps(hp, world) * hp.train_seq_len))
+    attn_impl = select_attention(hp, device, micro_batch, log)
+    hp = dataclasses.replace(hp, mlp_kernel=select_mlp_kernel(hp, device, log))
+    ev = EvalContext(hp, rank, world, device, attn_impl, log)
+    if not hp.eval_artifact:
+        model = train(hp, rank, world, device, attn_impl, log, ev)
+        ev.score(model.state_dict(), "pre_quant_ema")
+        if rank == 0:
+            export_artifact(artifact, {k: v.detach().cpu() for k, v in model.state_dict().items()}, hp, len(code), log)
+        if world > 1:
+            dist.barrier()
+        total = os.path.getsize(artifact) + len(code)
+        if total > hp.size_limit and not hp.allow_oversize:
+            raise ArtifactError(f"submission is {total} bytes, {total - hp.size_limit} over the {hp.size_limit}-byte "
+                                f"limit (artifact kept at {artifact}; ALLOW_OVERSIZE=1 scores it anyway)")
+    score_artifact(artifact, len(code), ev)
 
 
 def main():
@@ -1367,36 +1561,11 @@ def main():
         dist.broadcast_object_list(shared, src=0)
         hp.run_id = shared[0]
     log = Logger(f"logs/{hp.run_id}.txt" if rank == 0 else None)
-    log(f"command: {' '.join(sys.argv)}")
-    log("hyperparameters: " + json.dumps(dataclasses.asdict(hp), sort_keys=True))
-    log(f"torch:{torch.__version__} device:{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
-    torch.manual_seed(hp.seed)
-    np.random.seed(hp.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    code_bytes = len(Path(__file__).read_bytes())
-    artifact = hp.eval_artifact or hp.artifact_path or f"logs/{hp.run_id}.int6.ptz"
-    if hp.eval_artifact:
-        config, _ = read_artifact(artifact)  # fail fast on a bad file; the model shape comes from the artifact
-        hp = dataclasses.replace(hp, **config)
-    micro_batch = max(1, hp.train_batch_tokens // (world * grad_accum_steps(hp, world) * hp.train_seq_len))
-    attn_impl = select_attention(hp.attn_backend, device, hp, micro_batch, log)
-    hp = dataclasses.replace(hp, mlp_kernel=select_mlp_kernel(hp, device, log))
-    ev = EvalContext(hp, rank, world, device, attn_impl, log)
-    if not hp.eval_artifact:
-        compress(b"", hp.compressor)  # a missing codec fails now, not after training
-        model = train(hp, rank, world, device, attn_impl, log, ev)
-        ev.score(model.state_dict(), "pre_quant_ema")
-        if rank == 0:
-            export_artifact(artifact, {k: v.detach().cpu() for k, v in model.state_dict().items()}, hp, code_bytes, log)
-        if world > 1:
-            dist.barrier()
-        total = os.path.getsize(artifact) + code_bytes
-        if total > hp.size_limit and not hp.allow_oversize:
-            raise ArtifactError(f"submission is {total} bytes, {total - hp.size_limit} over the {hp.size_limit}-byte "
-                                f"limit (artifact kept at {artifact}; ALLOW_OVERSIZE=1 scores it anyway)")
-    score_artifact(artifact, code_bytes, ev)
+    try:
+        run(hp, rank, world, device, log)
+    except USER_ERRORS as e:
+        log(f"error: {e}", echo=False)  # the log says why it ends; stderr gets the line below
+        raise
     if world > 1:
         # gloo's worker threads free the last collective's tensors under the GIL: waiting here gives them the
         # GIL before the interpreter shuts down (a thread that wants it during shutdown aborts the process)
@@ -1408,6 +1577,9 @@ if __name__ == "__main__":
     faulthandler.enable()  # a crash inside a native library still prints where each Python thread was
     try:
         main()
-    except (ConfigError, DataError, ArtifactError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except USER_ERRORS as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        else:  # every rank meets the same input; rank 0 says it, before a launcher stops the others
+            time.sleep(2)
         sys.exit(2)

@@ -3,23 +3,31 @@
     python3 data/build_shards.py --input docs.jsonl.xz --out data/datasets/mine_sp1024 \\
         --tokenizer data/tokenizers/fineweb_1024_bpe.model [--val-docs 50000] [--shard-tokens 100000000]
     python3 data/build_shards.py --input texts/ --out data/datasets/mine --train-tokenizer --vocab-size 1024
+    python3 data/build_shards.py --input README.md --paragraphs --out /tmp/tiny --train-tokenizer --vocab-size 320 --val-docs 10
 
-Inputs: .jsonl / .jsonl.xz / .jsonl.gz files with a "text" field per line, .txt files (one document each), or
-folders of those. Every document becomes BOS + its tokens; the first --val-docs documents form the val split
-(as the challenge's val split is the first 50,000 docs), the rest train. A document never straddles shards.
+Inputs: .jsonl / .jsonl.xz / .jsonl.gz files with a "text" field per line, text files (one document each, or
+one per blank-line-separated paragraph with --paragraphs), or folders of .jsonl* and .txt files. Every document
+becomes BOS + its tokens; the first --val-docs documents form the val split (as the challenge's val split is the
+first 50,000 docs), the rest train; a trained tokenizer sees the train documents only. A document never
+straddles shards. The shards are written to OUT.partial and renamed to OUT when complete; OUT must not hold
+files already. Bad input: one `error:` line, exit code 2.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import lzma
 import multiprocessing as mp
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from cli import ArgParser, UsageError, run  # noqa: E402
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
@@ -44,24 +52,43 @@ def _open_text(path: Path):
     return opener(path, "rt", encoding="utf-8")
 
 
-def iter_documents(inputs: list[str]):
+def iter_documents(inputs: list[str], paragraphs: bool = False):
     """Yield document texts from files and folders, in sorted order within each folder."""
     for item in inputs:
         p = Path(item)
         if not p.exists():
-            raise FileNotFoundError(f"input {item} not found")
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+            raise UsageError(f"input {item} not found")
+        files = sorted(f for f in p.rglob("*") if f.is_file() and (".jsonl" in f.suffixes or f.suffix == ".txt")) \
+            if p.is_dir() else [p]
         for f in files:
-            if ".jsonl" in f.suffixes:
-                with _open_text(f) as fh:
-                    for n, line in enumerate(fh, 1):
-                        if line.strip():
-                            try:
-                                yield json.loads(line)["text"]
-                            except (json.JSONDecodeError, KeyError, TypeError):
-                                raise ValueError(f"{f}:{n}: not a JSON object with a 'text' field") from None
-            elif f.suffix == ".txt":
-                yield f.read_text(encoding="utf-8")
+            try:
+                yield from (read_jsonl(f) if ".jsonl" in f.suffixes else read_text(f, paragraphs))
+            except (UnicodeDecodeError, lzma.LZMAError, gzip.BadGzipFile, EOFError) as e:
+                raise UsageError(f"{f}: cannot read it as UTF-8 text ({type(e).__name__}: {e})") from None
+
+
+def read_jsonl(f: Path):
+    with _open_text(f) as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UsageError(f"{f}:{n}: not a JSON object with a 'text' field") from None
+                if not isinstance(text, str):
+                    raise UsageError(f"{f}:{n}: its 'text' field is not a string")
+                yield text
+
+
+def read_text(f: Path, paragraphs: bool):
+    with _open_text(f) as fh:
+        text = fh.read()
+    if not paragraphs:
+        yield text
+        return
+    for part in re.split(r"\n\s*\n", text):
+        if part.strip():
+            yield part.strip()
 
 
 def train_tokenizer(docs: list[str], prefix: str, vocab_size: int) -> str:
@@ -116,35 +143,81 @@ def write_split(encoded: list[np.ndarray], out: Path, split: str, shard_tokens: 
     return paths
 
 
+def check_tokenizer(path: str) -> int:
+    """The vocab size of a SentencePiece model that loads and fits uint16 shards."""
+    import sentencepiece as spm
+    if not os.path.isfile(path):
+        raise UsageError(f"tokenizer {path} not found")
+    try:
+        vocab = spm.SentencePieceProcessor(model_file=path).vocab_size()
+    except (RuntimeError, OSError) as e:
+        raise UsageError(f"tokenizer {path} is not a SentencePiece model ({str(e).strip()[:120]})") from None
+    if vocab > 1 << 16:
+        raise UsageError(f"tokenizer {path} has {vocab} tokens: shards hold uint16 ids (at most 65536)")
+    return vocab
+
+
+def build(docs: list[str], a, out: Path) -> str:
+    """Tokenizer (given or trained on the train documents) and shards in `out`; returns the tokenizer path."""
+    model = a.tokenizer
+    if model is None:
+        try:
+            model = train_tokenizer(docs[a.val_docs:], str(out / f"tokenizer_{a.vocab_size}_bpe"), a.vocab_size)
+        except RuntimeError as e:  # e.g. a vocab larger than the text supports
+            raise UsageError(f"tokenizer training failed: {str(e).strip()[:200]}") from None
+    encoded = encode_documents(docs, model, a.workers)
+    n = a.val_docs
+    for split, part, texts in (("val", encoded[:n], docs[:n]), ("train", encoded[n:], docs[n:])):
+        paths = write_split(part, out, split, a.shard_tokens)
+        ntok = sum(len(x) for x in part)
+        nbytes = sum(len(t.encode("utf-8")) for t in texts)
+        print(f"{split}: {len(part)} docs, {ntok} tokens (BOS included), {nbytes} bytes, "
+              f"{nbytes / max(ntok - len(part), 1):.3f} bytes/token, {len(paths)} shards")
+    return model
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(description=__doc__)
     ap.add_argument("--input", nargs="+", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokenizer", help="an existing SentencePiece model")
     ap.add_argument("--train-tokenizer", action="store_true", help="train a BPE tokenizer on the train docs")
     ap.add_argument("--vocab-size", type=int, default=1024)
+    ap.add_argument("--paragraphs", action="store_true", help="text files: one document per paragraph")
     ap.add_argument("--val-docs", type=int, default=50_000)
     ap.add_argument("--shard-tokens", type=int, default=100_000_000)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     a = ap.parse_args(argv)
     if bool(a.tokenizer) == a.train_tokenizer:
         ap.error("give exactly one of --tokenizer MODEL and --train-tokenizer")
-    docs = list(iter_documents(a.input))
-    if len(docs) <= a.val_docs:
-        ap.error(f"{len(docs)} documents: need more than --val-docs={a.val_docs} to leave a train split")
+    if a.train_tokenizer and not 262 <= a.vocab_size <= 1 << 16:
+        ap.error(f"--vocab-size {a.vocab_size}: the tokenizer needs 4 special and 256 byte pieces plus merges "
+                 "(at least 262), and shards hold uint16 ids (at most 65536)")
+    if a.val_docs < 0 or a.shard_tokens < 1 or a.workers < 1:
+        ap.error("--val-docs must be >= 0, --shard-tokens and --workers >= 1")
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = a.tokenizer or train_tokenizer(docs[a.val_docs:], str(out / f"tokenizer_{a.vocab_size}_bpe"), a.vocab_size)
-    encoded = encode_documents(docs, model, a.workers)
-    for split, part, texts in (("val", encoded[:a.val_docs], docs[:a.val_docs]), ("train", encoded[a.val_docs:], docs[a.val_docs:])):
-        paths = write_split(part, out, split, a.shard_tokens)
-        ntok = sum(len(x) for x in part)
-        nbytes = sum(len(t.encode("utf-8")) for t in texts)
-        print(f"{split}: {len(part)} docs, {ntok} tokens (BOS included), {nbytes} bytes, "
-              f"{nbytes / max(ntok - len(part), 1):.3f} bytes/token, {len(paths)} shards")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} exists and is not an empty folder: remove it or choose another")
+    if a.tokenizer:
+        check_tokenizer(a.tokenizer)
+    docs = list(iter_documents(a.input, a.paragraphs))
+    if len(docs) <= a.val_docs:
+        raise UsageError(f"{len(docs)} documents: need more than --val-docs={a.val_docs} to leave a train split")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        model = build(docs, a, partial)
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    if a.train_tokenizer:
+        model = str(out / Path(model).name)
     print(f"tokenizer: {model}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -9,7 +9,6 @@ are skipped; every download is checked against that size. HF_ENDPOINT overrides 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -17,6 +16,9 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from cli import ArgParser, run  # noqa: E402
 
 REPO_ID = "willdepueoai/parameter-golf"
 MANIFEST = "datasets/manifest.json"
@@ -109,19 +111,22 @@ def fetch_all(variant: str, train_shards: int, root: Path, download=hub_download
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(description=__doc__)
     ap.add_argument("--variant", default="sp1024", help="tokenizer variant, e.g. sp1024")
     ap.add_argument("--train-shards", type=int, default=80, help="how many train shards (100M tokens each)")
     ap.add_argument("--root", default=str(Path(__file__).resolve().parent), help="where datasets/ and tokenizers/ go")
     a = ap.parse_args(argv)
+    if a.train_shards < 0:
+        ap.error(f"--train-shards {a.train_shards}: must be >= 0")
+    if not re.fullmatch(r"sp\d+", a.variant):
+        ap.error(f"--variant {a.variant!r}: expected sp<vocab size>, e.g. sp1024")
     try:
         files = fetch_all(a.variant, a.train_shards, Path(a.root))
     except DownloadError as e:
-        print(f"error: {e} (is the Hugging Face hub reachable from this machine?)", file=sys.stderr)
-        return 2
+        raise DownloadError(f"{e} (is the Hugging Face hub reachable from this machine?)") from None
     print(f"done: {len(files)} files under {a.root}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, errors=(DownloadError,)))

@@ -15,11 +15,14 @@ import build_shards  # noqa: E402
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bright birds sing near old stone walls in the "
          "morning rain; café naïve 42 fjord über 2026 résumé zoë!").split()
 
-# A tiny model: 2 layers, dim 64, every feature on (XSA, VE, bigram, smear), int6 on all its matrices.
-TINY_ENV = dict(VOCAB_SIZE="320", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
-                VE_DIM="16", BIGRAM_DIM="16", BIGRAM_VOCAB_SIZE="64", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
-                EVAL_STRIDE="16", TRAIN_BATCH_TOKENS="1024", VAL_BATCH_SIZE="2048", MAX_WALLCLOCK_SECONDS="0",
-                WARMUP_STEPS="4", TORCH_COMPILE="0", QUANT_MIN_NUMEL="1024", TRAIN_LOG_EVERY="5", SEED="7")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+# The tiny model of eval/tiny.env (2 layers, dim 64, every feature on), at the tests' 320-token vocab.
+TINY_ENV = {**read_env_file(ROOT / "eval" / "tiny.env"), "VOCAB_SIZE": "320"}
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:
@@ -72,3 +75,10 @@ def run_train(tmp_path: Path, dataset: Path, tokenizer: str, args=(), nproc=0, *
 def failure_tail(r: subprocess.CompletedProcess) -> str:
     """What a failed run printed last, on both streams (a crash at exit shows only on stderr)."""
     return f"--- stdout ---\n{r.stdout[-2000:]}\n--- stderr ---\n{r.stderr[-3000:]}"
+
+
+def assert_one_error(r: subprocess.CompletedProcess, text: str):
+    """Bad input: exit code 2 and one `error:` line on stderr that says `text`, with no traceback."""
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and text in errors[0], failure_tail(r)
+    assert "Traceback" not in r.stderr, failure_tail(r)

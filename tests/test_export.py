@@ -1,4 +1,6 @@
 """Quantisation, the artifact format and its errors."""
+import json
+
 import pytest
 import torch
 
@@ -58,17 +60,17 @@ def test_artifact_round_trip_gives_identical_logits(tmp_path, codec):
     hp = tiny_hp(compressor=codec)
     m, state = trained_like_state(hp)
     path = str(tmp_path / "a.ptz")
-    tg.write_artifact(path, state, hp, 1.0)
+    tg.write_artifact(path, state, hp, tg.Quantizer.from_hp(hp))
     config, loaded = tg.read_artifact(path)
     assert config["num_layers"] == 2 and set(loaded) == set(state)
-    # the reference: every tensor through the same quantiser in memory
+    # the reference: block matrices int6, embedding tables int8 (per-row search), control tensors fp32, rest fp16
     ref = {}
     for name, t in state.items():
-        kind = tg.export_kind(name, t, hp.quant_min_numel)
-        if kind.startswith("int"):
-            ref[name] = tg.dequantize_rows(*tg.quantize_rows(t, 6 if kind == "int" else 8, hp.percentiles, 1.0))
+        if t.numel() > hp.quant_min_numel and t.ndim == 2:
+            ref[name] = tg.dequantize_rows(*tg.quantize_rows(t, 8 if "emb" in name else 6, hp.percentiles, 1.0))
         else:
-            ref[name] = t.to(torch.float16 if kind == "fp16" else torch.float32).float()
+            control = t.ndim < 2 or name.endswith(("resid_mix", "skip_weights"))
+            ref[name] = t.to(torch.float32 if control else torch.float16).float()
     ids = torch.randint(0, 320, (2, 32))
     a, b = tg.GPT(hp, dtype=torch.float32), tg.GPT(tg.Hyperparameters(**{**hp.__dict__, **config}), dtype=torch.float32)
     a.load_state_dict(ref)
@@ -81,8 +83,9 @@ def test_artifact_round_trip_gives_identical_logits(tmp_path, codec):
 def test_same_weights_give_the_same_bytes(tmp_path):
     hp = tiny_hp()
     _, state = trained_like_state(hp)
-    tg.write_artifact(str(tmp_path / "a"), state, hp, 1.0)
-    tg.write_artifact(str(tmp_path / "b"), {k: v.clone() for k, v in state.items()}, hp, 1.0)
+    quant = tg.Quantizer.from_hp(hp)
+    tg.write_artifact(str(tmp_path / "a"), state, hp, quant)
+    tg.write_artifact(str(tmp_path / "b"), {k: v.clone() for k, v in state.items()}, hp, quant)
     assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
 
 
@@ -95,7 +98,7 @@ def test_corrupt_artifacts_fail_clearly(tmp_path, damage, message):
     hp = tiny_hp(compressor="zstd")
     _, state = trained_like_state(hp)
     path = tmp_path / "a.ptz"
-    tg.write_artifact(str(path), state, hp, 1.0)
+    tg.write_artifact(str(path), state, hp, tg.Quantizer.from_hp(hp))
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(tg.ArtifactError, match=message):
         tg.read_artifact(str(path))
@@ -104,7 +107,7 @@ def test_corrupt_artifacts_fail_clearly(tmp_path, damage, message):
 def test_flipped_payload_byte_fails_the_checksum(tmp_path):
     hp = tiny_hp(compressor="zstd")
     _, state = trained_like_state(hp)
-    raw = bytearray(tg.pack_state(state, hp, 1.0))
+    raw = bytearray(tg.pack_state(state, hp, tg.Quantizer.from_hp(hp)))
     raw[-100] ^= 0xFF
     with pytest.raises(tg.ArtifactError, match="checksum"):
         tg.unpack_state(bytes(raw))
@@ -114,8 +117,43 @@ def test_size_fit_raises_the_floor_until_it_fits(tmp_path):
     hp = tiny_hp()
     _, state = trained_like_state(hp)
     path = str(tmp_path / "a.ptz")
-    first = tg.write_artifact(path, state, hp, 1.0)
+    first = tg.write_artifact(path, state, hp, tg.Quantizer.from_hp(hp))
     lines = []
     limited = tg.Hyperparameters(**{**hp.__dict__, "size_limit": first - 2000})
     n = tg.export_artifact(path, state, limited, 0, lines.append)
     assert n <= first - 2000 and any("size_fit" in line for line in lines)
+    floors = [float(line.split("clip_floor:")[1].split()[0]) for line in lines if line.startswith("artifact:")]
+    assert floors[0] == hp.quant_clip_floor and all(b == pytest.approx(a * 1.1, rel=1e-3) for a, b in zip(floors, floors[1:]))
+
+
+def rewrite_header(raw: bytes, edit) -> bytes:
+    hlen = int.from_bytes(raw[:4], "little")
+    header = json.loads(raw[4:4 + hlen])
+    edit(header)
+    new = json.dumps(header).encode()
+    return len(new).to_bytes(4, "little") + new + raw[4 + hlen:]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h.pop("tensors"), "header unreadable"),
+    (lambda h: h["tensors"][0].__setitem__(3, [999, 999]), "does not match its payload"),
+    (lambda h: h["tensors"][0].__setitem__(2, "float1024"), "does not match its payload"),
+])
+def test_a_header_that_lies_fails_clearly(edit, message):
+    hp = tiny_hp()
+    _, state = trained_like_state(hp)
+    raw = rewrite_header(tg.pack_state(state, hp, tg.Quantizer.from_hp(hp)), edit)
+    with pytest.raises(tg.ArtifactError, match=message):
+        tg.unpack_state(raw)
+
+
+@pytest.mark.parametrize("edit, message", [(lambda h: h["config"].pop("num_layers"), "lacks num_layers"),
+                                           (lambda h: h["config"].update(num_heads=3), "MODEL_DIM=64 must be a multiple")])
+def test_scoring_needs_a_usable_model_config_in_the_artifact(tmp_path, edit, message):
+    hp = tiny_hp(compressor="zstd")
+    _, state = trained_like_state(hp)
+    raw = rewrite_header(tg.pack_state(state, hp, tg.Quantizer.from_hp(hp)), edit)
+    path = tmp_path / "a.ptz"
+    path.write_bytes(tg.ARTIFACT_MAGIC + bytes([tg.CODECS["zstd"]]) + tg.compress(raw, "zstd"))
+    with pytest.raises(tg.ArtifactError, match=message):
+        tg.with_artifact_config(hp, str(path))

@@ -1,4 +1,6 @@
-"""Model pieces, the optimizer, the schedule and late QAT."""
+"""Settings, model pieces, the optimizer and late QAT."""
+import re
+
 import pytest
 import torch
 
@@ -11,12 +13,33 @@ def tiny_hp(**kw) -> tg.Hyperparameters:
 
 
 def test_env_parsing_and_errors():
-    hp = tiny_hp(ln_scale="0", matrix_lr="0.5")
-    assert hp.ln_scale is False and hp.matrix_lr == 0.5 and hp.num_layers == 2
-    with pytest.raises(tg.ConfigError, match="NUM_LAYERS='two'"):
+    hp = tiny_hp(ln_scale="off", smear_gate="Yes", matrix_lr="0.5")
+    assert hp.ln_scale is False and hp.smear_gate is True and hp.matrix_lr == 0.5 and hp.num_layers == 2
+    with pytest.raises(tg.ConfigError, match="NUM_LAYERS='two' is not a valid int"):
         tg.Hyperparameters.from_env({"NUM_LAYERS": "two"})
-    with pytest.raises(tg.ConfigError, match="COMPILE_MODE='fast' is not one of default"):
-        tg.maybe_compile(torch.nn.Linear(2, 2), tiny_hp(compile_mode="fast"))
+    with pytest.raises(tg.ConfigError, match="SMEAR_GATE='maybe' is not a boolean"):
+        tg.Hyperparameters.from_env({"SMEAR_GATE": "maybe"})
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ITERATIONS": "0"}, "ITERATIONS=0 must be at least 1"),
+    ({"TRAIN_LOG_EVERY": "0"}, "TRAIN_LOG_EVERY=0 must be at least 1"),
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR=nan must not be negative"),
+    ({"SEED": "-1"}, "SEED=-1 must not be negative"),
+    ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC=1.5 must be between 0 and 1"),
+    ({"EVAL_STRIDE": "128"}, "EVAL_STRIDE=128 must be at most EVAL_SEQ_LEN=64"),
+    ({"NUM_HEADS": "3"}, "MODEL_DIM=64 must be a multiple of NUM_HEADS=3"),
+    ({"ROPE_DIMS": "7"}, "ROPE_DIMS=7 must be even"),
+    ({"VOCAB_SIZE": "70000"}, "at most 65536"),
+    ({"QUANT_BITS": "9"}, "QUANT_BITS=9 must be between 2 and 8"),
+    ({"COMPRESSOR": "lz4"}, "COMPRESSOR='lz4' is not one of zstd, brotli"),
+    ({"QUANTIZER": "gptq"}, "QUANTIZER='gptq' is not one of gptq_lite"),
+    ({"CLIP_PERCENTILES": "0.99,x"}, "CLIP_PERCENTILES='0.99,x' must be a comma-separated list"),
+    ({"RUN_ID": "../elsewhere"}, "RUN_ID='../elsewhere' may hold only"),
+])
+def test_bad_settings_are_refused_before_anything_runs(env, message):
+    with pytest.raises(tg.ConfigError, match=re.escape(message)):
+        tg.Hyperparameters.from_env({**TINY_ENV, **env})
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64), (2, 96, 32), (4, 32, 128)])
@@ -123,41 +146,40 @@ def test_backward_accumulates_into_the_gradient_buffers():
     assert sum(b.square().sum() for b in buffers) > 0
 
 
-def test_schedule_has_the_same_shape_for_any_budget():
-    hp = tiny_hp()
-    for frac in (0.0, 0.1, 0.3, 0.51, 0.6, 0.9, 1.0):
-        # the same fraction of a 150 s and a 600 s run (or of 1,000 and 7,100 steps) gives the same values
-        for budget in (150.0, 600.0, 1000, 7100):
-            assert tg.lr_scale(frac * budget / budget, hp.warmdown_frac) == tg.lr_scale(frac, hp.warmdown_frac)
-    assert tg.lr_scale(0.5, 0.49) == 1.0 and tg.lr_scale(0.755, 0.49) == pytest.approx(0.5) and tg.lr_scale(1.0, 0.49) == 0
-    assert tg.muon_momentum(0.0, hp) == 0.92 and tg.muon_momentum(0.105, hp) == pytest.approx(0.955)
-    assert tg.muon_momentum(0.5, hp) == 0.99
-    # the EMA time constant is a fraction of the run: 0.997 per step at the record's ~7,100 steps
-    assert tg.ema_decay(1 / 7100, 0.047) == pytest.approx(0.997, abs=1e-4)
-    assert tg.ema_decay(1 / 1000, 0.047) ** 1000 == pytest.approx(tg.ema_decay(1 / 7100, 0.047) ** 7100)
-
-
-def test_qat_switch_changes_the_compiled_forward():
+def perturbed_model(hp) -> tg.GPT:
     torch.manual_seed(0)
-    hp = tiny_hp()
     m = tg.GPT(hp, dtype=torch.float32)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.3)  # weights off the int6 grid, so fake quantisation shows
-    layers = tg.quantized_linears(m, hp.quant_min_numel)
-    assert len(layers) == 6 * hp.num_layers  # q, k, v, out, fc, proj in every block
-    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
-    ids = torch.randint(0, 320, (2, 32))
-    off = compiled(ids, ids)
-    for layer in layers:
-        layer.qat = (6, hp.percentiles, 0.0)
-    on = compiled(ids, ids)
-    eager_on = m(ids, ids)
-    for layer in layers:
-        layer.qat = None
-    assert not torch.allclose(on, off)
-    assert torch.allclose(on, eager_on, atol=1e-5)
-    assert torch.allclose(compiled(ids, ids), off, atol=1e-6)  # and it really turns off again
+    return m
+
+
+def test_qat_fake_quantises_as_the_export_stores():
+    """One quantiser: each layer late QAT fake-quantises holds, in its forward, the weight the artifact stores."""
+    hp = tiny_hp()
+    m, quant = perturbed_model(hp), tg.Quantizer.from_hp(hp)
+    layers = dict(m.named_modules())
+    names = [n for n, layer in layers.items() if layer in tg.quantized_linears(m, quant)]
+    assert len(names) == 6 * hp.num_layers  # q, k, v, out, fc, proj in every block
+    _, exported = tg.unpack_state(tg.pack_state(m.state_dict(), hp, quant))
+    for name in names:
+        w = layers[name].weight
+        assert torch.equal(quant.fake_quantize(w), exported[name + ".weight"]) and not torch.equal(w, exported[name + ".weight"])
+
+
+def test_qat_check_passes_a_working_switch_and_stops_a_folded_one():
+    """The start-up check compares the forward with QAT off and on: it passes the real switch and stops a run
+    whose switch does not reach the forward (what torch.compile folding a flag into the graph leaves)."""
+    hp = tiny_hp()
+    m, quant = perturbed_model(hp), tg.Quantizer.from_hp(hp)
+    layers = tg.quantized_linears(m, quant)
+    ids = torch.randint(0, hp.vocab_size, (2, 32))
+    off, on = tg.check_qat_switch(m, (ids, ids), layers, quant)
+    assert off != on and all(layer.qat is None for layer in layers)  # and it is off again afterwards
+    assert off == m(ids, ids).item()
+    with pytest.raises(tg.TrainingError, match="late QAT does not change the compiled forward"):
+        tg.check_qat_switch(m, (ids, ids), [tg.CastedLinear(64, 64)], quant)
 
 
 def test_schedule_reaches_every_optimizer_after_a_state_restore():

@@ -1,18 +1,27 @@
-"""The log parser, the plotting tool and the records tool, on tiny hand-written logs."""
+"""The log parser, the plotting tool and the records tool on tiny hand-written logs; the step timing tool and
+the launcher on the tiny config."""
+import hashlib
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 
 import make_record
 import plot_logs
+from cli import UsageError
+from conftest import ROOT, assert_one_error, failure_tail, train_env
 from logs import parse_log, summary
 
+SCRIPT = b"print('the script that ran')\n"
 
-def fake_log(path, seed, sliding_loss, total=15_000_000, val_every=False):
+
+def fake_log(path, seed, sliding_loss, total=15_000_000, val_every=False, script=SCRIPT):
     lines = [f'hyperparameters: {{"seed": {seed}, "num_layers": 11, "run_id": "r{seed}"}}',
-             "step_phases_ms data:0.50 forward:30.00 backward:50.00 comm:0.00 optimizer:12.00 total:92.50 (last 5 warm-up steps)"]
+             f"code: train_gpt.py {len(script)} bytes sha256:{hashlib.sha256(script).hexdigest()}"]
     for s in (1, 100, 200):
         lines.append(f"step:{s}/20000 train_loss:{6 - s / 100:.4f} train_time:{s * 0.09:.1f}s step_avg:90.00ms "
                      f"tok/s:1,092,267 lr_scale:1.000 eta:10s")
@@ -30,7 +39,7 @@ def fake_log(path, seed, sliding_loss, total=15_000_000, val_every=False):
 
 def test_parse_log_and_summary(tmp_path):
     r = parse_log(fake_log(tmp_path / "a.txt", 1337, 2.4, val_every=True))
-    assert r["steps"] == 200 and r["ms_per_step"] == 90.0 and r["optimizer_ms"] == 12.0 and r["fwd_bwd_ms"] == 80.0
+    assert r["steps"] == 200 and r["ms_per_step"] == 90.0 and r["code_bytes"] == len(SCRIPT)
     assert r["sliding_loss"] == 2.4 and r["total_bytes"] == 15_000_000 and r["artifact_bytes"] == 14_950_000
     assert r["train_curve"][0] == (1, 0.1, 5.99) and r["val_curve"] == [(100, 1.7), (200, 1.6)]
     assert r["tokens_per_s"] == 1_092_267 and r["hparams"]["seed"] == 1337
@@ -48,11 +57,16 @@ def test_plot_writes_a_png(tmp_path):
     assert plot_logs.val_points(parse_log(a)) == [(100, 9.0, 1.7), (200, 18.0, 1.6), (200, 18.0, pytest.approx(2.4 / 1.67))]
 
 
+def record(tmp_path, logs, name="Test", script=SCRIPT):
+    (tmp_path / "train_gpt.py").write_bytes(script)
+    return make_record.build_record(make_record.load_runs(logs), name, "A. Person", "aperson", "tiny",
+                                    tmp_path / "records", "2026-11-22", record_loss=2.40, script=tmp_path / "train_gpt.py")
+
+
 def test_record_folder_and_statistics(tmp_path):
     losses = [2.390, 2.392, 2.391]
     logs = [fake_log(tmp_path / f"s{i}.txt", seed, l, total=15_000_000 + i) for i, (seed, l) in enumerate(zip((1337, 42, 7), losses))]
-    folder, res = make_record.build_record(make_record.load_runs(logs), "Test", "A. Person", "aperson", "tiny",
-                                           tmp_path / "records", "2026-11-22", record_loss=2.40)
+    folder, res = record(tmp_path, logs)
     assert folder.name == "2026-11-22_Test"
     sub = json.loads((folder / "submission.json").read_text())
     assert sub["val_loss"] == pytest.approx(statistics.mean(losses)) and sub["bytes_total"] == 15_000_002
@@ -61,13 +75,57 @@ def test_record_folder_and_statistics(tmp_path):
     # t = (2.40 - 0.005 - 2.391) / (0.001 / sqrt(3)) = 6.93 with 2 dof: one-sided p = 0.0101
     assert sub["t_stat"] == pytest.approx(0.004 / (0.001 / math.sqrt(3)))
     assert sub["p_value"] == pytest.approx(0.0101, abs=2e-4)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "submission.json", "train_seed1337.log",
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "submission.json", "train_gpt.py", "train_seed1337.log",
                                                         "train_seed42.log", "train_seed7.log"]
+    assert (folder / "train_gpt.py").read_bytes() == SCRIPT
     readme = (folder / "README.md").read_text()
     assert "| 42 | 200 | 90.00 |" in readme and "NUM_LAYERS=11" in readme
+    assert [p.name for p in (tmp_path / "records").iterdir()] == [folder.name]  # no temporary folder left
+    with pytest.raises(UsageError, match="exists already"):
+        record(tmp_path, logs)
+
+
+def test_record_refuses_a_script_that_did_not_run(tmp_path):
+    logs = [fake_log(tmp_path / "a.txt", 1, 2.39), fake_log(tmp_path / "b.txt", 2, 2.39, script=b"other code\n")]
+    with pytest.raises(UsageError, match="is not the code .*b.txt ran"):
+        record(tmp_path, logs)
+    with pytest.raises(UsageError, match="is not the code .*a.txt ran"):
+        record(tmp_path, logs[:1], script=SCRIPT + b"# edited\n")
+    assert not (tmp_path / "records").exists() or not list((tmp_path / "records").iterdir())
+
+
+def test_record_refuses_two_logs_of_one_seed(tmp_path):
+    logs = [fake_log(tmp_path / "a.txt", 42, 2.39), fake_log(tmp_path / "b.txt", 42, 2.38)]
+    with pytest.raises(UsageError, match="b.txt and .*a.txt both ran seed 42"):
+        make_record.load_runs(logs)
 
 
 def test_record_tool_rejects_unfinished_logs(tmp_path):
     (tmp_path / "x.txt").write_text("step:1/10 train_loss:5.0 train_time:0.1s step_avg:1.00ms tok/s:1 lr_scale:1 eta:1s\n")
-    with pytest.raises(SystemExit, match="not a finished train_gpt.py run"):
+    with pytest.raises(UsageError, match="not a finished run"):
         make_record.load_runs([str(tmp_path / "x.txt")])
+
+
+def test_step_timing_phases_add_up_to_the_step(tmp_path, dataset, tokenizer):
+    """tools/step_timing.py: each phase takes time, and together they are the step's wall-clock time."""
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "step_timing.py"), "--warmup", "2", "--steps", "6"],
+                       cwd=tmp_path, env=train_env(dataset, tokenizer), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, failure_tail(r)
+    line = r.stdout.strip().splitlines()[-1]
+    phases = {k: float(v) for k, v in (kv.split(":") for kv in line.split()[1:] if ":" in kv)}
+    assert {"data", "forward", "backward", "optimizer", "total", "wall"} <= set(phases), line
+    assert all(phases[k] > 0 for k in ("forward", "backward", "optimizer"))
+    assert phases["total"] == pytest.approx(phases["wall"], rel=0.05)
+
+
+def test_launcher_runs_ranks_and_passes_the_first_failure_on(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys\nr = int(os.environ['RANK'])\nprint('rank', r, 'of', os.environ['WORLD_SIZE'])\n"
+                      "sys.exit(2 if r == int(os.environ.get('FAIL_RANK', -1)) else 0)\n")
+    launch = [sys.executable, str(ROOT / "eval" / "launch.py")]
+    r = subprocess.run([*launch, "3", str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and sorted(r.stdout.splitlines()) == [f"rank {i} of 3" for i in range(3)]
+    r = subprocess.run([*launch, "3", str(script)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "FAIL_RANK": "1"})
+    assert r.returncode == 2
+    assert_one_error(subprocess.run([*launch, "0", str(script)], capture_output=True, text=True), "usage")

@@ -22,8 +22,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
 import train_gpt as tg  # noqa: E402
+from cli import UsageError, run  # noqa: E402
 
 
 def bench_attention(B=48, T=2048, H=8, KV=4, D=64):
@@ -39,19 +40,34 @@ def bench_attention(B=48, T=2048, H=8, KV=4, D=64):
     flops = 4 * B * H * T * T * D / 2  # causal forward: QK^T and PV over half the square
     print(f"attention B={B} T={T} H={H} KV={KV} D={D}: forward {flops / 1e9:.0f} GFLOP, backward 2.5x")
     print(f"{'impl':24s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'TFLOP/s':>8s} {'err out':>8s} {'err dq':>8s} {'err dk':>8s} {'err dv':>8s}")
-    for label, impl, backend in tg.attention_candidates("auto"):
+    for label, fn, backend in attention_variants():
         try:
             with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-                out = tg.attention(q, k, v, impl)
+                out = fn(q, k, v)
                 grads = torch.autograd.grad(out, (q, k, v), dout)
                 errs = [tg.relative_error(t[:2], r) for t, r in zip((out, *grads), (ref_out, *ref_grads))]
-                fwd = tg.median_cuda_ms(lambda: tg.attention(q, k, v, impl), reps=20)
-                both = tg.median_cuda_ms(lambda: torch.autograd.grad(tg.attention(q, k, v, impl), (q, k, v), dout), reps=20)
+                fwd = tg.median_cuda_ms(lambda: fn(q, k, v), reps=20)
+                both = tg.median_cuda_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout), reps=20)
         except Exception as e:  # report and go on: one broken kernel must not hide the others
             print(f"{label:24s} failed: {type(e).__name__}: {str(e)[:150]}")
             continue
         print(f"{label:24s} {fwd:8.3f} {both - fwd:8.3f} {both:8.3f} {3.5 * flops / both / 1e9:8.0f} "
               + " ".join(f"{e:8.1e}" for e in errs))
+
+
+def expanded_kv_attention(q, k, v):
+    """SDPA with K/V repeated to the query heads (no native GQA): the variant train_gpt.py measured slower."""
+    groups = q.size(2) // k.size(2)
+    return tg.attention(q, k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2), "sdpa")
+
+
+def attention_variants():
+    """(label, attention function, SDPA backend or None) for FA3 and each SDPA kernel, native GQA or K/V expanded."""
+    out = [("fa3", lambda q, k, v: tg.attention(q, k, v, "fa3"), None)]
+    for kernel in ("cudnn", "flash", "efficient"):
+        out.append((f"{kernel}/gqa", lambda q, k, v: tg.attention(q, k, v, "sdpa"), tg.sdpa_backend(kernel)))
+        out.append((f"{kernel}/expanded", expanded_kv_attention, tg.sdpa_backend(kernel)))
+    return out
 
 
 def bench_mlp(M=48 * 2048, D=512, H=1536):
@@ -121,8 +137,21 @@ def bench_ceilings():
     print(f"bf16 matmul 8192^3: {2 * 8192 ** 3 / ms / 1e9:.0f} TFLOP/s")
 
 
-if __name__ == "__main__":
-    todo = sys.argv[1:] or ["ceilings", "attention", "mlp", "orthogonalize"]
+BENCHES = {"attention": bench_attention, "mlp": bench_mlp, "orthogonalize": bench_orthogonalize, "ceilings": bench_ceilings}
+
+
+def main(argv=None) -> int:
+    todo = (sys.argv[1:] if argv is None else argv) or ["ceilings", "attention", "mlp", "orthogonalize"]
+    unknown = [t for t in todo if t not in BENCHES]
+    if unknown:
+        raise UsageError(f"unknown bench {', '.join(unknown)} (choose from {', '.join(BENCHES)})")
+    if not torch.cuda.is_available():
+        raise UsageError("gpu_bench needs a CUDA GPU")
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
     for name in todo:
-        {"attention": bench_attention, "mlp": bench_mlp, "orthogonalize": bench_orthogonalize, "ceilings": bench_ceilings}[name]()
+        BENCHES[name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

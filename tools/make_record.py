@@ -5,22 +5,28 @@
 
 The score of a run is its final_int6_sliding_window_exact line. With several seeds it prints the mean, the
 std and a one-sided t-test of "mean val_loss < record_loss - 0.005 nats" (the challenge asks for p < 0.01).
+The folder gets the script that ran (--script, default this repo's train_gpt.py): its size and sha256 must be
+those every log recorded in its `code:` line. Each seed appears once; an existing folder is never overwritten.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
+import hashlib
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import ArgParser, UsageError, run  # noqa: E402
 from logs import parse_log  # noqa: E402
 
-REQUIRED = ("sliding_loss", "sliding_bpb", "total_bytes", "hparams")
+REQUIRED = ("sliding_loss", "sliding_bpb", "total_bytes", "hparams", "code_sha256")
+DEFAULT_SCRIPT = Path(__file__).resolve().parent.parent / "train_gpt.py"
 
 
 def gain_test(losses: list[float], record_loss: float, margin: float = 0.005) -> tuple[float, float]:
@@ -35,17 +41,34 @@ def gain_test(losses: list[float], record_loss: float, margin: float = 0.005) ->
 
 
 def load_runs(paths: list[str]) -> list[dict]:
-    runs = []
+    """The finished runs of the logs, one per seed."""
+    runs, seen = [], {}
     for p in paths:
         r = parse_log(p)
         missing = [k for k in REQUIRED if k not in r]
         if missing:
-            raise SystemExit(f"error: {p} lacks {', '.join(missing)}: not a finished train_gpt.py run")
+            raise UsageError(f"{p} lacks {', '.join(missing)}: not a finished run of this train_gpt.py")
+        seed = r["hparams"].get("seed")
+        if seed in seen:
+            raise UsageError(f"{p} and {seen[seed]} both ran seed {seed}: give one log per seed")
+        seen[seed] = p
         runs.append(r)
     return runs
 
 
-def build_record(runs, name, author, github_id, blurb, out_root: Path, date: str, record_loss=None) -> tuple[Path, dict]:
+def check_script(script: Path, runs: list[dict]) -> bytes:
+    """The script's bytes, if they are the code every run logged (size and sha256)."""
+    code = script.read_bytes()
+    digest = hashlib.sha256(code).hexdigest()
+    for r in runs:
+        if (r["code_bytes"], r["code_sha256"]) != (len(code), digest):
+            raise UsageError(f"{script} ({len(code)} bytes, sha256 {digest[:12]}) is not the code {r['path']} ran "
+                             f"({r['code_bytes']} bytes, sha256 {r['code_sha256'][:12]}): pass that script with --script")
+    return code
+
+
+def build_record(runs, name, author, github_id, blurb, out_root: Path, date: str, record_loss=None,
+                 script: Path = DEFAULT_SCRIPT) -> tuple[Path, dict]:
     losses, bpbs = [r["sliding_loss"] for r in runs], [r["sliding_bpb"] for r in runs]
     summary = {
         "author": author, "github_id": github_id, "name": name, "blurb": blurb, "date": date,
@@ -63,7 +86,22 @@ def build_record(runs, name, author, github_id, blurb, out_root: Path, date: str
             stats_lines.append(f"gain test vs record val_loss {record_loss:.5f} - 0.005 nats: t={t:.3f}, one-sided "
                                f"p={p:.4g} ({'passes' if p < 0.01 else 'does not pass'} p < 0.01)")
     folder = out_root / f"{date}_{name}"
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        raise UsageError(f"{folder} exists already: remove it or choose another --name")
+    code = check_script(script, runs)
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=out_root))  # renamed into place when complete
+    try:
+        write_folder(tmp, runs, summary, stats_lines, code)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, {"lines": stats_lines, **summary}
+
+
+def write_folder(folder: Path, runs: list[dict], summary: dict, stats_lines: list[str], code: bytes):
+    name, blurb, author, github_id, date = (summary[k] for k in ("name", "blurb", "author", "github_id", "date"))
+    (folder / "train_gpt.py").write_bytes(code)
     for r in runs:
         shutil.copy(r["path"], folder / f"train_seed{r['hparams']['seed']}.log")
     (folder / "submission.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -77,12 +115,12 @@ def build_record(runs, name, author, github_id, blurb, out_root: Path, date: str
         f"# {name}\n\n{blurb}\n\nAuthor: {author} (@{github_id}), {date}.\n\n## Results\n\n"
         "| seed | steps | ms/step | pre-quant bpb | int6 roundtrip bpb | sliding val_loss | sliding val_bpb | bytes |\n"
         "|---|---|---|---|---|---|---|---|\n" + rows + "\n\n" + "\n".join(f"- {s}" for s in stats_lines) +
-        f"\n\n## Configuration (from the first log)\n\n{config}\n")
-    return folder, {"lines": stats_lines, **summary}
+        f"\n\n## Configuration (from the first log)\n\n{config}\n\nCode: `train_gpt.py`, {len(code):,} bytes, "
+        f"sha256 {runs[0]['code_sha256']} (as every log records).\n")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(description=__doc__)
     ap.add_argument("logs", nargs="+")
     ap.add_argument("--name", required=True)
     ap.add_argument("--author", required=True)
@@ -91,13 +129,16 @@ def main(argv=None) -> int:
     ap.add_argument("--record-loss", type=float, help="the standing record's val_loss (nats) for the gain test")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "records"))
+    ap.add_argument("--script", default=str(DEFAULT_SCRIPT), help="the train_gpt.py the runs ran")
     a = ap.parse_args(argv)
+    if not re.fullmatch(r"[\w.-]+", a.name):
+        ap.error(f"--name {a.name!r} becomes a folder name: use letters, digits, '_', '.', '-'")
     folder, result = build_record(load_runs(a.logs), a.name, a.author, a.github_id, a.blurb, Path(a.out), a.date,
-                                  a.record_loss)
+                                  a.record_loss, Path(a.script))
     print("\n".join(result["lines"]))
     print(f"wrote {folder}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -7,7 +7,6 @@ the last step.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import ArgParser, run  # noqa: E402
 from logs import parse_log  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def plot(paths: list[str], out: str, labels: list[str] | None = None) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(description=__doc__)
     ap.add_argument("logs", nargs="+")
     ap.add_argument("--out", default="plot.png")
     ap.add_argument("--labels", help="comma-separated, one per log")
@@ -71,4 +71,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))
