@@ -68,6 +68,7 @@ class Hyperparameters:
     num_kv_heads: int = 4
     mlp_mult: float = 3.0
     leaky_relu_slope: float = 0.0  # 0 = relu^2
+    leaky_relu_slopes: str = ""  # one slope per layer, comma-separated (overrides LEAKY_RELU_SLOPE)
     mlp_kernel: str = "auto"  # auto (triton on CUDA when its start-up check passes) | triton | torch
     rope_dims: int = 16
     rope_base: float = 10000.0
@@ -79,6 +80,11 @@ class Hyperparameters:
     smear_gate: bool = True
     bigram_vocab_size: int = 2048  # 0 disables BigramHash
     bigram_dim: int = 128
+    engram_buckets: int = 0  # EngramLite hashed n-gram embeddings (buckets per head and order); 0 = off
+    engram_heads: int = 2
+    engram_orders: int = 2  # 1: bigrams; 2: bigrams and trigrams
+    engram_dim: int = 32  # per head and order
+    skip_gates: bool = False  # U-Net skips through a learned sigmoid gate: lerp(weight * skip, x, sigmoid(gate))
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
     attn_backend: str = "auto"  # auto: FA3 if it imports, else the fastest SDPA kernel | fa3 | cudnn | flash | efficient | math
@@ -92,7 +98,8 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_frac: float = 0.21
     muon_backend_steps: int = 5
-    muon_backend: str = "newton_schulz"  # newton_schulz | polar_express (per-step coefficients)
+    muon_backend: str = "newton_schulz"  # newton_schulz | polar_express (per-step coefficients) | turbo (AOL, see orthogonalize)
+    muon_row_norm: bool = False  # MuonEq-R: each row of the update normalised before the orthogonalisation
     muon_wd: float = 0.04
     adam_wd: float = 0.04
     beta1: float = 0.9
@@ -105,6 +112,8 @@ class Hyperparameters:
     swa_start_scale: float = 0.2  # SWA snapshots once the LR scale is below this
     swa_every_frac: float = 0.007  # one snapshot per this fraction of the run (50 of ~7,100 steps)
     late_qat_threshold: float = 0.15  # fake-quantise block matrices once the LR scale is below this; 0 = off
+    qat_soft_round: bool = False  # QAT rounds with a sigmoid whose sharpness ramps 1 -> 16 (differentiable)
+    lr_floor: float = 0.0  # the warmdown ends at this LR scale instead of 0
     # export
     quantizer: str = "gptq_lite"  # how each matrix becomes integers (see QUANTIZERS)
     quant_bits: int = 6
@@ -132,6 +141,13 @@ class Hyperparameters:
     def percentiles(self) -> tuple[float, ...]:
         return tuple(float(p) for p in self.clip_percentiles.split(","))
 
+    @property
+    def layer_slopes(self) -> tuple[float, ...]:
+        """The MLP's leaky ReLU slope in each layer."""
+        if not self.leaky_relu_slopes:
+            return (self.leaky_relu_slope,) * self.num_layers
+        return tuple(float(s) for s in self.leaky_relu_slopes.split(","))
+
     def validate(self):
         """Every value a run can get wrong, checked before anything is read or built."""
         def need(ok: bool, name: str, rule: str):
@@ -140,15 +156,15 @@ class Hyperparameters:
 
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_stride", "val_batch_size",
                      "train_log_every", "num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "bigram_dim",
-                     "ve_dim", "muon_backend_steps", "clock_sync_every", "size_limit"):
+                     "ve_dim", "engram_heads", "engram_dim", "muon_backend_steps", "clock_sync_every", "size_limit"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         for name in ("seed", "max_wallclock_seconds", "warmup_steps", "grad_accum_steps", "val_loss_every", "xsa_last_n",
-                     "ve_last_n", "bigram_vocab_size", "rope_dims", "leaky_relu_slope", "matrix_lr", "tied_embed_lr",
+                     "ve_last_n", "bigram_vocab_size", "engram_buckets", "rope_dims", "leaky_relu_slope", "matrix_lr", "tied_embed_lr",
                      "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm", "ema_frac", "late_qat_threshold",
                      "quant_min_numel", "quant_clip_floor"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         for name in ("warmdown_frac", "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_frac",
-                     "beta1", "beta2", "swa_start_scale"):
+                     "beta1", "beta2", "swa_start_scale", "lr_floor"):
             need(0 <= getattr(self, name) <= 1, name, "must be between 0 and 1")
         for name in ("mlp_mult", "rope_base", "logit_softcap", "tied_embed_init_std", "adam_eps", "swa_every_frac"):
             need(getattr(self, name) > 0, name, "must be positive")
@@ -159,6 +175,7 @@ class Hyperparameters:
             need(2 <= getattr(self, name) <= 8, name, "must be between 2 and 8 (stored as int8)")
         need(self.vocab_size <= 1 << 16, "vocab_size", "must fit the shards' uint16 token ids (at most 65536)")
         need(self.bigram_vocab_size != 1, "bigram_vocab_size", "must be 0 (off) or at least 2")
+        need(self.engram_orders in (1, 2), "engram_orders", "must be 1 (bigrams) or 2 (bigrams and trigrams)")
         need(self.eval_stride <= self.eval_seq_len, "eval_stride", f"must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.model_dim % self.num_heads == 0, "model_dim", f"must be a multiple of NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0, "num_heads", f"must be a multiple of NUM_KV_HEADS={self.num_kv_heads}")
@@ -170,6 +187,11 @@ class Hyperparameters:
         except ValueError:
             ok = False
         need(ok, "clip_percentiles", "must be a comma-separated list of numbers in (0, 1]")
+        try:
+            ok = len(self.layer_slopes) == self.num_layers and all(-1 <= s <= 1 for s in self.layer_slopes)
+        except ValueError:
+            ok = False
+        need(ok, "leaky_relu_slopes", f"must be {self.num_layers} comma-separated numbers in [-1, 1], one per layer")
 
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -354,7 +376,7 @@ class CastedLinear(nn.Linear):
     def cast_weight(self, dtype: torch.dtype) -> Tensor:
         w = self.weight
         if self.qat is not None:
-            w = w + (self.qat.fake_quantize(w) - w).detach()
+            w = self.qat.qat_weight(w)
         return w.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -626,7 +648,7 @@ class Block(nn.Module):
         super().__init__()
         dim = hp.model_dim
         self.attn = CausalSelfAttention(hp, xsa=layer >= hp.num_layers - hp.xsa_last_n, attn_impl=attn_impl)
-        self.mlp = MLP(dim, int(hp.mlp_mult * dim), hp.leaky_relu_slope, hp.mlp_kernel)
+        self.mlp = MLP(dim, int(hp.mlp_mult * dim), hp.layer_slopes[layer], hp.mlp_kernel)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -668,6 +690,37 @@ class BigramHash(nn.Module):
         return self.proj(self.embed(h).to(dtype)) * self.scale.to(dtype)
 
 
+class EngramLite(nn.Module):
+    """Hashed n-gram embeddings: for each order (bigram; trigram) and head, a hash of the token and its
+    predecessors picks a row of one shared table; the rows are concatenated, projected to the model dim (from zero)
+    and scaled by a learned per-dimension sigmoid gate. Heads hash independently, so two n-grams that collide in
+    one head rarely collide in all. A position reads only its own token and earlier ones."""
+
+    def __init__(self, buckets: int, heads: int, orders: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets, self.heads, self.orders = buckets, heads, orders
+        self.embed = nn.Embedding(orders * heads * buckets, dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = CastedLinear(orders * heads * dim, model_dim, zero_init=True)
+        nn.init.zeros_(self.proj.weight)  # GPT's init pass has run before this module is built
+        self.gate = nn.Parameter(torch.zeros(model_dim))
+        # an odd multiplier per (order, head, offset): Fibonacci hashing's 0x9E3779B1 times a running index
+        mult = [(0x9E3779B1 * (i + 1)) % (1 << 31) | 1 for i in range(orders * heads * (orders + 1))]
+        self.register_buffer("mult", torch.tensor(mult).view(orders, heads, orders + 1), persistent=False)
+
+    def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        back = [ids] + [F.pad(ids[:, :-k], (k, 0)) for k in range(1, self.orders + 1)]  # back[k] = token t - k (0 before the start)
+        rows = []
+        for o in range(self.orders):  # order o hashes tokens t - o - 1 ... t
+            for h in range(self.heads):
+                mixed = back[0] * self.mult[o, h, 0]
+                for k in range(1, o + 2):
+                    mixed = mixed ^ (back[k] * self.mult[o, h, k])
+                rows.append(mixed % self.buckets + (o * self.heads + h) * self.buckets)
+        e = self.embed(torch.stack(rows, dim=-1)).flatten(-2).to(dtype)
+        return self.proj(e) * torch.sigmoid(self.gate).to(dtype)
+
+
 class ValueEmbedding(nn.Module):
     """A token embedding shared by the last layers, projected to the KV width and added to V."""
 
@@ -701,11 +754,17 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
+        # built last, so that switching one on leaves the other modules' initial weights as they were
+        self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights)) if hp.skip_gates else None
+        self.engram = EngramLite(hp.engram_buckets, hp.engram_heads, hp.engram_orders, hp.engram_dim, dim) \
+            if hp.engram_buckets else None
 
     def hidden(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids).to(self.dtype)
         if self.bigram is not None:
             x = x + self.bigram(ids, self.dtype)
+        if self.engram is not None:
+            x = x + self.engram(ids, self.dtype)
         x = rms_norm(x)
         if self.smear is not None:
             x = self.smear(x)
@@ -714,7 +773,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             j = i - self.n_enc
             if 0 <= j < len(self.skip_weights):
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                x = x + skip if self.skip_gates is None else torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
             ve_i = ve * self.ve_layer_scales[i - self.ve_first].to(x.dtype) if ve is not None and i >= self.ve_first else None
             x = block(x, x0, ve_i)
             if i < self.n_enc:
@@ -752,23 +812,46 @@ QUINTIC_COEFFS = {  # odd quintic a*x + b*x^3 + c*x^5 per step; the last triple 
                       (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
                       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
 }
+QUINTIC_COEFFS["turbo"] = QUINTIC_COEFFS["polar_express"][1:]  # AOL scaling stands in for the first step
 REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
 ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def orthogonalize(G: Tensor, steps: int, method: str = "newton_schulz") -> Tensor:
-    """Approximate the orthogonal polar factor of each matrix in a (N, m, n) batch, in bf16."""
+def aol_scale(X: Tensor, eps: float = 1e-7) -> tuple[Tensor, Tensor]:
+    """AOL preconditioning of wide matrices X (..., m, n), m <= n: row i is scaled by 1 / sqrt(sum_j |(X X^T)_ij|),
+    the Gershgorin bound of its Gram row, so every singular value of the result is at most 1 and small ones are
+    lifted more than a Frobenius normalisation lifts them. Returns the scaled X and its Gram matrix."""
+    A = X @ X.mT
+    s = 1.0 / (A.abs().sum(dim=-1).sqrt() + eps)
+    return X * s[..., :, None], A * s[..., :, None] * s[..., None, :]
+
+
+def normalize_rows(X: Tensor, dim: int = -1) -> Tensor:
+    return X / (X.float().norm(dim=dim, keepdim=True) + 1e-7).to(X.dtype)
+
+
+def orthogonalize(G: Tensor, steps: int, method: str = "newton_schulz", row_norm: bool = False) -> Tensor:
+    """Approximate the orthogonal polar factor of each matrix in a (N, m, n) batch, in bf16. row_norm (MuonEq-R)
+    first scales every row to unit norm. turbo starts from AOL scaling instead of a norm, takes Polar Express
+    steps, then normalises the rows and then the columns of the result."""
     coeffs = QUINTIC_COEFFS[method]
     X = G.bfloat16()
+    if row_norm:
+        X = normalize_rows(X)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)  # singular values <= 1, with a bf16 margin
+    if method == "turbo":
+        X, A = aol_scale(X)
+    else:
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)  # singular values <= 1, with a bf16 margin
     for i in range(steps):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
-        A = X @ X.mT
+        if i > 0 or method != "turbo":
+            A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if tall else X
+    X = X.mT if tall else X
+    return normalize_rows(normalize_rows(X), dim=-2) if method == "turbo" else X
 
 
 def attach_grad_buffer(params: list[Tensor], shape: tuple) -> Tensor:
@@ -789,9 +872,9 @@ class Muon(torch.optim.Optimizer):
     orthogonalises it with batched matmuls; the updates are all-gathered. Decoupled weight decay.
     Use: reduce_grads(), then step(grad_scale), then finish()."""
 
-    def __init__(self, params, lr, momentum, ns_steps, wd, method="newton_schulz", world=1, compile_ns=False):
+    def __init__(self, params, lr, momentum, ns_steps, wd, method="newton_schulz", world=1, compile_ns=False, row_norm=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, wd=wd))
-        self.ns_steps, self.method, self.world = ns_steps, method, world
+        self.ns_steps, self.method, self.world, self.row_norm = ns_steps, method, world, row_norm
         self.orthogonalize = torch.compile(orthogonalize, dynamic=False) if compile_ns else orthogonalize
         self.banks, self.pending = [], []  # banks: (group index, params, grad bank, this rank's summed slice)
         for gi, group in enumerate(self.param_groups):
@@ -821,7 +904,7 @@ class Muon(torch.optim.Optimizer):
                 state["momentum"] = torch.zeros_like(mine)
             buf, g = state["momentum"], mine.mul_(grad_scale)  # the slice is scratch until the next backward
             buf.mul_(group["momentum"]).add_(g)
-            O = self.orthogonalize(g.add_(buf, alpha=group["momentum"]), self.ns_steps, self.method)
+            O = self.orthogonalize(g.add_(buf, alpha=group["momentum"]), self.ns_steps, self.method, self.row_norm)
             if self.world > 1:  # O stays referenced until the gather is done: gloo does not keep its input alive
                 full = O.new_empty(bank.shape)
                 self.pending.append((full, ALL_GATHER(full, O, async_op=True), O))
@@ -855,7 +938,7 @@ class Optimizers:
         scalars = [p for p in model.parameters() if id(p) not in taken]
         self.clip_norm, self.rank, self.world = hp.grad_clip_norm, rank, world
         self.muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
-                         hp.muon_backend, world, compile_ns)
+                         hp.muon_backend, world, compile_ns, hp.muon_row_norm)
         self.adam_grads = attach_grad_buffer(tables + scalars, (sum(p.numel() for p in tables + scalars),))
         self.adam = torch.optim.AdamW([{"params": tables, "lr": hp.tied_embed_lr}, {"params": scalars, "lr": hp.scalar_lr}],
                                       betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
@@ -911,21 +994,26 @@ class Schedule:
     swa_every_frac: float  # 0 = no SWA
     swa_start_scale: float
     late_qat_threshold: float  # 0 = no QAT
+    lr_floor: float = 0.0
 
     @classmethod
     def from_hp(cls, hp: Hyperparameters) -> "Schedule":
         return cls(hp.iterations, 1000.0 * hp.max_wallclock_seconds, hp.warmdown_frac, hp.muon_momentum_warmup_start,
                    hp.muon_momentum, hp.muon_momentum_warmup_frac, hp.ema_frac,
-                   hp.swa_every_frac if hp.swa_enabled else 0.0, hp.swa_start_scale, hp.late_qat_threshold)
+                   hp.swa_every_frac if hp.swa_enabled else 0.0, hp.swa_start_scale, hp.late_qat_threshold, hp.lr_floor)
 
     def progress(self, step: int, elapsed_ms: float) -> float:
         return max(step / self.iterations, elapsed_ms / self.cap_ms if self.cap_ms > 0 else 0.0)
 
-    def lr_scale(self, p: float) -> float:
-        """1 until the warmdown (the last WARMDOWN_FRAC of the run), then linear to 0 at its end."""
+    def warmdown(self, p: float) -> float:
+        """1 until the warmdown (the last WARMDOWN_FRAC of the run), then linear to 0 at its end: the LR scale
+        without its floor, which also times SWA and late QAT."""
         if self.warmdown_frac <= 0:
             return 1.0
         return max(0.0, min(1.0, (1.0 - p) / self.warmdown_frac))
+
+    def lr_scale(self, p: float) -> float:
+        return max(self.warmdown(p), self.lr_floor)
 
     def momentum(self, p: float) -> float:
         """Muon momentum: linear from its start to its end value over the first MUON_MOMENTUM_WARMUP_FRAC."""
@@ -937,12 +1025,17 @@ class Schedule:
         return math.exp(-dp / self.ema_frac) if self.ema_frac > 0 else 0.0
 
     def qat(self, p: float) -> bool:
-        """Late QAT: on once the LR scale is below LATE_QAT_THRESHOLD (and then to the end: the scale only falls)."""
-        return self.late_qat_threshold > 0 and self.lr_scale(p) < self.late_qat_threshold
+        """Late QAT: on once the warmdown is below LATE_QAT_THRESHOLD (and then to the end: it only falls)."""
+        return self.late_qat_threshold > 0 and self.warmdown(p) < self.late_qat_threshold
+
+    def qat_sharpness(self, p: float) -> float:
+        """QAT_SOFT_ROUND's sigmoid sharpness: 1 where late QAT starts, linear to 16 at the end of the run."""
+        start = 1.0 - self.late_qat_threshold * self.warmdown_frac
+        return 1.0 + 15.0 * min(1.0, max(0.0, (p - start) / max(1.0 - start, 1e-9)))
 
     def swa_slot(self, p: float) -> int | None:
-        """The SWA interval p falls in once the LR scale is below SWA_START_SCALE (one snapshot each), else None."""
-        if self.swa_every_frac <= 0 or self.lr_scale(p) >= self.swa_start_scale:
+        """The SWA interval p falls in once the warmdown is below SWA_START_SCALE (one snapshot each), else None."""
+        if self.swa_every_frac <= 0 or self.warmdown(p) >= self.swa_start_scale:
             return None
         return int(p / self.swa_every_frac)
 
@@ -1104,6 +1197,8 @@ class WeightAverages:
 def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log, ev: EvalContext) -> GPT:
     parts = setup_training(hp, rank, world, device, attn_impl, log)
     sched, quant = Schedule.from_hp(hp), Quantizer.from_hp(hp)
+    if hp.qat_soft_round:
+        quant = dataclasses.replace(quant, sharpness=torch.ones((), device=device))
     qat_layers = quantized_linears(parts.model, quant)
     compile_warmup(parts, hp, sched, qat_layers, quant, log)
     params = list(parts.model.parameters())
@@ -1140,7 +1235,9 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
         if not qat_on and sched.qat(progress):
             set_qat(qat_layers, quant)
             qat_on = True
-            log(f"late_qat:on step:{step} lr_scale:{scale:.3f}")
+            log(f"late_qat:on step:{step} lr_scale:{scale:.3f}" + (" soft_round" if quant.sharpness is not None else ""))
+        if qat_on and quant.sharpness is not None:
+            quant.sharpness.fill_(sched.qat_sharpness(progress))
         last_loss = train_step(parts, scale, sched.momentum(progress))
         nonfinite |= ~torch.isfinite(last_loss)
         step += 1
@@ -1194,6 +1291,15 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
+def soft_round(w: Tensor, scale: Tensor, qmax: int, sharpness: Tensor) -> Tensor:
+    """w / scale (per row) clamped to +-qmax, its integer part kept and its fractional part f replaced by
+    sigmoid(sharpness * (f - 1/2)), times the scale: differentiable in w, and the export's rounding as the
+    sharpness grows."""
+    z = (w / scale[:, None]).clamp(-qmax, qmax)
+    base = z.detach().floor()
+    return (base + torch.sigmoid(sharpness * (z - base - 0.5))) * scale[:, None]
+
+
 @dataclasses.dataclass(frozen=True)
 class Quantizer:
     """What the export does to each tensor, shared by late QAT, the export and the size fit. Block matrices
@@ -1206,6 +1312,7 @@ class Quantizer:
     percentiles: tuple[float, ...]
     clip_floor: float
     min_numel: int  # tensors with at most this many elements are not quantised
+    sharpness: Tensor | None = None  # QAT_SOFT_ROUND: the soft rounding's sharpness (a device scalar the loop sets)
 
     @classmethod
     def from_hp(cls, hp: Hyperparameters) -> "Quantizer":
@@ -1217,7 +1324,7 @@ class Quantizer:
         q gains, skip weights); fp16: the other small tensors."""
         if t.ndim == 2 and t.numel() > self.min_numel:
             return "int_embed" if name.endswith(("emb.weight", "embed.weight")) else "int"
-        return "fp32" if t.ndim < 2 or name.endswith(("resid_mix", "skip_weights")) else "fp16"
+        return "fp32" if t.ndim < 2 or name.endswith(("resid_mix", "skip_weights", "skip_gates")) else "fp16"
 
     def bits_of(self, kind: str) -> int:
         return self.bits if kind == "int" else self.embed_bits
@@ -1227,8 +1334,16 @@ class Quantizer:
         return quantize_rows(w, bits, self.percentiles, self.clip_floor)
 
     def fake_quantize(self, w: Tensor) -> Tensor:
-        """A block matrix as the export's row quantiser stores it (late QAT's forward)."""
+        """A block matrix as the export's row quantiser stores it."""
         return dequantize_rows(*quantize_rows(w, self.bits, self.percentiles, self.clip_floor)).to(w.dtype)
+
+    def qat_weight(self, w: Tensor) -> Tensor:
+        """A block matrix in late QAT's forward: the exported value with a straight-through gradient, or with
+        QAT_SOFT_ROUND a soft rounding on the export's row scales that the gradient passes through."""
+        if self.sharpness is None:
+            return w + (self.fake_quantize(w) - w).detach()
+        _, scale = quantize_rows(w.detach(), self.bits, self.percentiles, self.clip_floor)
+        return soft_round(w, scale.float(), 2 ** (self.bits - 1) - 1, self.sharpness).to(w.dtype)
 
     def with_floor(self, clip_floor: float) -> "Quantizer":
         return dataclasses.replace(self, clip_floor=clip_floor)
@@ -1239,7 +1354,10 @@ ARTIFACT_MAGIC = b"PGA1"
 CODECS = {"zstd": 1, "brotli": 2}
 MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "leaky_relu_slope",
               "rope_dims", "rope_base", "qk_gain_init", "ln_scale", "xsa_last_n", "ve_dim", "ve_last_n", "smear_gate",
-              "bigram_vocab_size", "bigram_dim", "logit_softcap", "tied_embed_init_std")
+              "bigram_vocab_size", "bigram_dim", "logit_softcap", "tied_embed_init_std", "leaky_relu_slopes",
+              "engram_buckets", "engram_heads", "engram_orders", "engram_dim", "skip_gates")
+MODEL_KEYS_ADDED_OFF = dict(leaky_relu_slopes="", engram_buckets=0, engram_heads=2, engram_orders=2, engram_dim=32,
+                            skip_gates=False)  # absent from older artifacts: off
 
 
 def compress(raw: bytes, codec: str) -> bytes:
@@ -1471,6 +1589,7 @@ def score_artifact(path: str, code_bytes: int, ev: EvalContext):
 def with_artifact_config(hp: Hyperparameters, path: str) -> Hyperparameters:
     """The model shape comes from the artifact's header, whatever the env says."""
     config, _ = read_artifact(path)
+    config = {**MODEL_KEYS_ADDED_OFF, **config}
     missing = [k for k in MODEL_KEYS if k not in config]
     try:
         if missing:

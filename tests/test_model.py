@@ -273,7 +273,7 @@ import sys, torch
 import train_gpt as tg
 from test_model import tiny_hp
 torch.manual_seed(0)
-for slope in (0.0, 0.5):  # odd sizes: every tile of the kernel is partly masked
+for slope in (0.0, 0.5, -0.014):  # odd sizes: every tile of the kernel is partly masked
     ref, fused = tg.MLP(48, 144, slope, "torch").double(), tg.MLP(48, 144, slope, "triton")
     torch.nn.init.normal_(ref.proj.weight, std=0.1)
     fused.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
@@ -315,3 +315,34 @@ def test_mlp_kernel_choice_on_cpu_and_bad_requests(monkeypatch):
     monkeypatch.setattr(tg, "triton", None)
     with pytest.raises(tg.ConfigError, match="triton is not importable"):
         tg.select_mlp_kernel(tiny_hp(mlp_kernel="triton"), torch.device("cpu"), log.append)
+
+
+TODAY_PARAMS = [  # the tiny model before the later records' switches: name, shape, in registration order
+    ("ve_layer_scales", (2,)), ("skip_weights", (1, 64)), ("tok_emb.weight", (320, 64)), ("bigram.scale", ()),
+    ("bigram.embed.weight", (64, 16)), ("bigram.proj.weight", (64, 16)), ("smear.gate", (64,)), ("ve.scale", ()),
+    ("ve.embed.weight", (320, 16)), ("ve.proj.weight", (32, 16))] + [
+    (f"blocks.{i}.{name}", shape) for i in range(2) for name, shape in (
+        ("attn_scale", (64,)), ("mlp_scale", (64,)), ("resid_mix", (2, 64)), ("attn.q_gain", (4,)),
+        ("attn.c_q.weight", (64, 64)), ("attn.c_k.weight", (32, 64)), ("attn.c_v.weight", (32, 64)),
+        ("attn.proj.weight", (64, 64)), ("mlp.fc.weight", (192, 64)), ("mlp.proj.weight", (64, 192)))]
+TODAY_LOSSES = [5.767948627471924, 6.04958963394165, 6.134584903717041, 6.107173442840576]
+
+
+def test_switches_off_give_todays_model():
+    """With every switch at its default, the tiny model has the parameters it had before the later records'
+    switches existed and, over four optimizer steps on fixed batches (the last two with late QAT), the same losses
+    (golden values from that code; 1e-5 leaves room for another CPU's rounding)."""
+    hp = tiny_hp()
+    torch.manual_seed(0)
+    m = tg.GPT(hp, dtype=torch.float32)
+    assert [(n, tuple(p.shape)) for n, p in m.named_parameters()] == TODAY_PARAMS
+    opt, quant = tg.Optimizers(m, hp, 0, 1, compile_ns=False), tg.Quantizer.from_hp(hp)
+    gen, losses = torch.Generator().manual_seed(1), []
+    for step in range(4):
+        tg.set_qat(tg.quantized_linears(m, quant), quant if step >= 2 else None)
+        ids = torch.randint(0, hp.vocab_size, (4, 64), generator=gen)
+        loss = m(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step(1.0, 0.95)
+        losses.append(loss.item())
+    assert losses == pytest.approx(TODAY_LOSSES, rel=1e-5)
