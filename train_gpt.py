@@ -80,6 +80,8 @@ class Hyperparameters:
     smear_gate: bool = True
     bigram_vocab_size: int = 2048  # 0 disables BigramHash
     bigram_dim: int = 128
+    bigram_hash: str = "mul"  # mul: (92821 * prev + cur) mod (buckets - 1) | xor: the 1.1233 script's xor of two products
+    aux_proj_init_scale: bool = False  # BigramHash and value-embedding projections x 1/sqrt(2 * layers), as the 1.1233 script
     engram_buckets: int = 0  # EngramLite hashed n-gram embeddings (buckets per head and order); 0 = off
     engram_heads: int = 2
     engram_orders: int = 2  # 1: bigrams; 2: bigrams and trigrams
@@ -100,6 +102,7 @@ class Hyperparameters:
     muon_backend_steps: int = 5
     muon_backend: str = "newton_schulz"  # newton_schulz | polar_express (per-step coefficients) | turbo (AOL, see orthogonalize)
     muon_row_norm: bool = False  # MuonEq-R: each row of the update normalised before the orthogonalisation
+    ns_margin: float = 1.01  # Newton-Schulz starts from G / (margin * |G|_F); the 1.1233 script has 1.0
     muon_wd: float = 0.04
     adam_wd: float = 0.04
     beta1: float = 0.9
@@ -166,9 +169,10 @@ class Hyperparameters:
         for name in ("warmdown_frac", "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_frac",
                      "beta1", "beta2", "swa_start_scale", "lr_floor"):
             need(0 <= getattr(self, name) <= 1, name, "must be between 0 and 1")
-        for name in ("mlp_mult", "rope_base", "logit_softcap", "tied_embed_init_std", "adam_eps", "swa_every_frac"):
+        for name in ("mlp_mult", "rope_base", "logit_softcap", "tied_embed_init_std", "adam_eps", "swa_every_frac", "ns_margin"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name, allowed in (("compressor", CODECS), ("quantizer", QUANTIZERS), ("muon_backend", QUINTIC_COEFFS),
+                              ("bigram_hash", BIGRAM_HASHES),
                               ("attn_backend", ATTN_BACKENDS), ("mlp_kernel", MLP_KERNELS)):
             need(getattr(self, name) in allowed, name, f"is not one of {', '.join(allowed)}")
         for name in ("quant_bits", "embed_quant_bits"):
@@ -673,19 +677,23 @@ class SmearGate(nn.Module):
         return x + g * (F.pad(x[:, :-1], (0, 0, 1, 0)) - x)
 
 
+BIGRAM_HASHES = ("mul", "xor")
+
+
 class BigramHash(nn.Module):
     """Embedding of a hash of (previous, current) token, projected to the model dim; zero-initialised table."""
 
-    def __init__(self, buckets: int, dim: int, model_dim: int):
+    def __init__(self, buckets: int, dim: int, model_dim: int, hash_kind: str = "mul"):
         super().__init__()
-        self.buckets = buckets
+        self.buckets, self.hash_kind = buckets, hash_kind
         self.embed = nn.Embedding(buckets, dim)
         nn.init.zeros_(self.embed.weight)
         self.proj = CastedLinear(dim, model_dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
-        h = (ids[:, :-1] * 92821 + ids[:, 1:]) % (self.buckets - 1)
+        prev, cur = ids[:, :-1], ids[:, 1:]
+        h = (prev * 92821 + cur if self.hash_kind == "mul" else (cur * 36313) ^ (prev * 27191)) % (self.buckets - 1)
         h = F.pad(h, (1, 0), value=self.buckets - 1)  # the first position has no previous token
         return self.proj(self.embed(h).to(dtype)) * self.scale.to(dtype)
 
@@ -742,7 +750,7 @@ class GPT(nn.Module):
         self.dtype, self.softcap = dtype, hp.logit_softcap
         self.tok_emb = nn.Embedding(hp.vocab_size, dim)
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
-        self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, dim) if hp.bigram_vocab_size else None
+        self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, dim, hp.bigram_hash) if hp.bigram_vocab_size else None
         self.smear = SmearGate(dim) if hp.smear_gate else None
         n_ve = min(hp.ve_last_n, L)
         self.ve_first = L - n_ve
@@ -754,6 +762,11 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
+        if hp.aux_proj_init_scale:
+            with torch.no_grad():
+                for m in (self.bigram, self.ve):
+                    if m is not None:
+                        m.proj.weight.mul_(1 / math.sqrt(2 * L))
         # built last, so that switching one on leaves the other modules' initial weights as they were
         self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights)) if hp.skip_gates else None
         self.engram = EngramLite(hp.engram_buckets, hp.engram_heads, hp.engram_orders, hp.engram_dim, dim) \
@@ -830,7 +843,7 @@ def normalize_rows(X: Tensor, dim: int = -1) -> Tensor:
     return X / (X.float().norm(dim=dim, keepdim=True) + 1e-7).to(X.dtype)
 
 
-def orthogonalize(G: Tensor, steps: int, method: str = "newton_schulz", row_norm: bool = False) -> Tensor:
+def orthogonalize(G: Tensor, steps: int, method: str = "newton_schulz", row_norm: bool = False, margin: float = 1.01) -> Tensor:
     """Approximate the orthogonal polar factor of each matrix in a (N, m, n) batch, in bf16. row_norm (MuonEq-R)
     first scales every row to unit norm. turbo starts from AOL scaling instead of a norm, takes Polar Express
     steps, then normalises the rows and then the columns of the result."""
@@ -844,7 +857,7 @@ def orthogonalize(G: Tensor, steps: int, method: str = "newton_schulz", row_norm
     if method == "turbo":
         X, A = aol_scale(X)
     else:
-        X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)  # singular values <= 1, with a bf16 margin
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)  # singular values <= 1, with a bf16 margin
     for i in range(steps):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
         if i > 0 or method != "turbo":
@@ -872,9 +885,10 @@ class Muon(torch.optim.Optimizer):
     orthogonalises it with batched matmuls; the updates are all-gathered. Decoupled weight decay.
     Use: reduce_grads(), then step(grad_scale), then finish()."""
 
-    def __init__(self, params, lr, momentum, ns_steps, wd, method="newton_schulz", world=1, compile_ns=False, row_norm=False):
+    def __init__(self, params, lr, momentum, ns_steps, wd, method="newton_schulz", world=1, compile_ns=False, row_norm=False,
+                 margin=1.01):
         super().__init__(params, dict(lr=lr, momentum=momentum, wd=wd))
-        self.ns_steps, self.method, self.world, self.row_norm = ns_steps, method, world, row_norm
+        self.ns_steps, self.method, self.world, self.row_norm, self.margin = ns_steps, method, world, row_norm, margin
         self.orthogonalize = torch.compile(orthogonalize, dynamic=False) if compile_ns else orthogonalize
         self.banks, self.pending = [], []  # banks: (group index, params, grad bank, this rank's summed slice)
         for gi, group in enumerate(self.param_groups):
@@ -904,7 +918,7 @@ class Muon(torch.optim.Optimizer):
                 state["momentum"] = torch.zeros_like(mine)
             buf, g = state["momentum"], mine.mul_(grad_scale)  # the slice is scratch until the next backward
             buf.mul_(group["momentum"]).add_(g)
-            O = self.orthogonalize(g.add_(buf, alpha=group["momentum"]), self.ns_steps, self.method, self.row_norm)
+            O = self.orthogonalize(g.add_(buf, alpha=group["momentum"]), self.ns_steps, self.method, self.row_norm, self.margin)
             if self.world > 1:  # O stays referenced until the gather is done: gloo does not keep its input alive
                 full = O.new_empty(bank.shape)
                 self.pending.append((full, ALL_GATHER(full, O, async_op=True), O))
@@ -938,7 +952,7 @@ class Optimizers:
         scalars = [p for p in model.parameters() if id(p) not in taken]
         self.clip_norm, self.rank, self.world = hp.grad_clip_norm, rank, world
         self.muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
-                         hp.muon_backend, world, compile_ns, hp.muon_row_norm)
+                         hp.muon_backend, world, compile_ns, hp.muon_row_norm, hp.ns_margin)
         self.adam_grads = attach_grad_buffer(tables + scalars, (sum(p.numel() for p in tables + scalars),))
         self.adam = torch.optim.AdamW([{"params": tables, "lr": hp.tied_embed_lr}, {"params": scalars, "lr": hp.scalar_lr}],
                                       betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
@@ -1355,9 +1369,9 @@ CODECS = {"zstd": 1, "brotli": 2}
 MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "leaky_relu_slope",
               "rope_dims", "rope_base", "qk_gain_init", "ln_scale", "xsa_last_n", "ve_dim", "ve_last_n", "smear_gate",
               "bigram_vocab_size", "bigram_dim", "logit_softcap", "tied_embed_init_std", "leaky_relu_slopes",
-              "engram_buckets", "engram_heads", "engram_orders", "engram_dim", "skip_gates")
+              "engram_buckets", "engram_heads", "engram_orders", "engram_dim", "skip_gates", "bigram_hash")
 MODEL_KEYS_ADDED_OFF = dict(leaky_relu_slopes="", engram_buckets=0, engram_heads=2, engram_orders=2, engram_dim=32,
-                            skip_gates=False)  # absent from older artifacts: off
+                            skip_gates=False, bigram_hash="mul")  # absent from older artifacts: off
 
 
 def compress(raw: bytes, codec: str) -> bytes:

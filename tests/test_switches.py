@@ -185,3 +185,28 @@ def test_every_switch_on_trains_exports_and_rescores(tmp_path, dataset, tokenize
     again = run_train(tmp_path, dataset, tokenizer, args=[str(tmp_path / "logs" / "t.int6.ptz")], RUN_ID="again")
     assert again.returncode == 0, failure_tail(again)  # the shape (engram, gates, slopes) comes from the artifact
     assert parse_log(str(tmp_path / "logs" / "again.txt"))["sliding_bpb"] == log["sliding_bpb"]
+
+
+def test_the_1233_scripts_choices_as_switches():
+    """BIGRAM_HASH=xor, AUX_PROJ_INIT_SCALE and NS_MARGIN=1.0 give the public 1.1233 script's versions."""
+    ids = torch.randint(0, 320, (2, 20))
+    bigram = tg.BigramHash(64, 16, 32, "xor")
+    seen = []
+    bigram.embed.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    bigram(ids, torch.float32)
+    want = [[63] + [((c * 36313) ^ (p * 27191)) % 63 for p, c in zip(row[:-1], row[1:])] for row in ids.tolist()]
+    assert seen[0].tolist() == want
+    torch.manual_seed(0)
+    base = tg.GPT(tiny_hp(num_layers=4), dtype=torch.float32).state_dict()
+    torch.manual_seed(0)
+    scaled = tg.GPT(tiny_hp(num_layers=4, aux_proj_init_scale=1), dtype=torch.float32).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], scaled[k])}
+    assert changed == {"bigram.proj.weight", "ve.proj.weight"}
+    for k in changed:
+        assert torch.allclose(scaled[k], base[k] / math.sqrt(8))
+    G = torch.randn(2, 16, 24)
+    for margin in (1.0, 1.01):
+        want = G.bfloat16() / (G.bfloat16().norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)
+        assert torch.equal(tg.orthogonalize(G, 0, margin=margin), want)
+    opt = tg.Optimizers(tg.GPT(tiny_hp(ns_margin=1.0), dtype=torch.float32), tiny_hp(ns_margin=1.0), 0, 1, False)
+    assert opt.muon.margin == 1.0
