@@ -14,21 +14,7 @@ src=${1:-../shared/data}
 nproc=${NPROC:-1}
 data=${PROXY_DATA_DIR:-/tmp/proxy_data}
 [[ $nproc =~ ^[1-9][0-9]*$ ]] || fail "NPROC=$nproc is not a whole number >= 1"
-for need in "$src/fineweb_1024_bpe.model" "$src/fineweb_val_000000.bin"; do
-  [ -f "$need" ] || fail "$need not found (pass the shared data folder as the first argument)"
-done
-ls "$src"/proxy_train/proxy_train_*.bin.xz >/dev/null 2>&1 || fail "no proxy_train/*.bin.xz under $src"
-command -v xz >/dev/null || fail "xz is not installed (it unpacks the proxy shards)"
-
-unpack() { [ -s "$2" ] || { xz -dc "$1" > "$2.tmp" && mv -f "$2.tmp" "$2"; }; }
-mkdir -p "$data" || fail "cannot create PROXY_DATA_DIR=$data"
-pids=()
-for f in "$src"/proxy_train/proxy_train_*.bin.xz; do
-  unpack "$f" "$data/fineweb_train_$(basename "$f" .bin.xz | sed 's/^proxy_train_//').bin" &
-  pids+=($!)
-done
-for p in "${pids[@]}"; do wait "$p" || fail "could not unpack the proxy shards into $data"; done
-ln -sf "$(realpath "$src/fineweb_val_000000.bin")" "$data/fineweb_val_000000.bin"
+bash eval/proxy_data.sh "$src" "$data"
 
 export DATA_PATH=$data TOKENIZER_PATH=$src/fineweb_1024_bpe.model
 export TRAIN_BATCH_TOKENS=$((98304 * nproc)) GRAD_ACCUM_STEPS=${GRAD_ACCUM_STEPS:-1}

@@ -3,6 +3,7 @@ import json
 import lzma
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,17 +109,27 @@ def test_build_shards_reads_txt_folders_and_rejects_bad_jsonl(tmp_path):
         list(build_shards.iter_documents([str(tmp_path / "bad.jsonl")]))
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_proxy_script_runs_and_summarises(tmp_path, dataset, tokenizer, nproc):
-    shared = tmp_path / "shared"
-    (shared / "proxy_train").mkdir(parents=True)
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory, dataset, tokenizer) -> Path:
+    """A ../shared/data look-alike: xz proxy shards, the val shard and the tokenizer under the official names."""
+    shared = tmp_path_factory.mktemp("shared")
+    (shared / "proxy_train").mkdir()
     for i, src in enumerate(sorted(dataset.glob("fineweb_train_*.bin"))):
         (shared / "proxy_train" / f"proxy_train_{i:06d}.bin.xz").write_bytes(lzma.compress(src.read_bytes()))
     (shared / "fineweb_val_000000.bin").write_bytes((dataset / "fineweb_val_000000.bin").read_bytes())
     (shared / "fineweb_1024_bpe.model").write_bytes(open(tokenizer, "rb").read())
-    env = {**os.environ, **TINY_ENV, "NPROC": str(nproc), "PROXY_SECONDS": "3", "PROXY_DATA_DIR": str(tmp_path / "pd"),
-           "RUN_ID": f"proxy_test_{nproc}", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["bash", str(ROOT / "eval" / "proxy.sh"), str(shared)], env=env, capture_output=True,
+    return shared
+
+
+def proxy_env(tmp_path, **env) -> dict:
+    return {**os.environ, **TINY_ENV, "PROXY_SECONDS": "3", "PROXY_DATA_DIR": str(tmp_path / "pd"), "OMP_NUM_THREADS": "1",
+            **env}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_proxy_script_runs_and_summarises(tmp_path, shared_data, nproc):
+    env = proxy_env(tmp_path, NPROC=str(nproc), RUN_ID=f"proxy_test_{nproc}")
+    r = subprocess.run(["bash", str(ROOT / "eval" / "proxy.sh"), str(shared_data)], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, failure_tail(r)
     summary = r.stdout.strip().splitlines()[-1]
@@ -127,3 +138,24 @@ def test_proxy_script_runs_and_summarises(tmp_path, dataset, tokenizer, nproc):
     assert log["hparams"]["train_batch_tokens"] == 98304 * nproc and log["hparams"]["max_wallclock_seconds"] == 3
     for f in (ROOT / "logs").glob(f"proxy_test_{nproc}*"):
         f.unlink()
+
+
+def test_ablation_plan_runs_each_line_once(tmp_path, shared_data):
+    """eval/ablate.sh: every plan line is a proxy run with its env on top, two at a time; a finished run is
+    not run again; the summary comes in plan order."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text("# a comment\nablate_test_a SEED=3\n\nablate_test_b SEED=4 LEAKY_RELU_SLOPE=0.5\n")
+    cmd = ["bash", str(ROOT / "eval" / "ablate.sh"), str(plan), str(shared_data)]
+    try:
+        r = subprocess.run(cmd, env=proxy_env(tmp_path, JOBS="2", PROXY_SECONDS="2"), capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, failure_tail(r)
+        lines = r.stdout.strip().splitlines()
+        assert [line.split(":")[0] for line in lines[-2:]] == ["logs/ablate_test_a.txt", "logs/ablate_test_b.txt"]
+        logs = [parse_log(str(ROOT / "logs" / f"ablate_test_{x}.txt"))["hparams"] for x in "ab"]
+        assert (logs[0]["seed"], logs[1]["seed"], logs[1]["leaky_relu_slope"]) == (3, 4, 0.5)
+        again = subprocess.run(cmd, env=proxy_env(tmp_path), capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0 and again.stdout.count("done already") == 2, failure_tail(again)
+    finally:
+        for f in (ROOT / "logs").glob("ablate_test_*"):
+            f.unlink()

@@ -68,6 +68,12 @@ def test_proxy_and_quickstart_bad_input(tmp_path):
     assert_one_error(run([*proxy, str(tmp_path / "none")], tmp_path), "fineweb_1024_bpe.model not found")
     assert_one_error(run(proxy, tmp_path, {**os.environ, "NPROC": "0"}), "NPROC=0 is not a whole number")
     assert_one_error(run(["bash", str(ROOT / "eval" / "quickstart.sh"), "missing.txt"], tmp_path), "input missing.txt not found")
+    ablate = ["bash", str(ROOT / "eval" / "ablate.sh")]
+    (tmp_path / "plan.txt").write_text("a SEED=1\nb lowercase=1\n")
+    assert_one_error(run([*ablate, "plan.txt", str(tmp_path)], tmp_path), "'lowercase=1' in run b is not ENV=VALUE")
+    (tmp_path / "twice.txt").write_text("a SEED=1\na SEED=2\n")
+    assert_one_error(run([*ablate, "twice.txt", str(tmp_path)], tmp_path), "run name a appears twice")
+    assert_one_error(run([*ablate, "none.txt"], tmp_path), "plan none.txt not found")
 
 
 def test_build_shards_bad_input_leaves_nothing(tmp_path, tokenizer):

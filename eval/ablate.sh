@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Proxy ablations on every visible GPU at once: each line of PLAN is one proxy run (eval/proxy.sh on one GPU),
+# started as soon as a GPU is free; last, one summary line per run (tools/logs.py), in plan order.
+#
+#   bash eval/ablate.sh PLAN [SHARED_DATA_DIR]      (JOBS=N runs at once; default: the GPU count, or 1)
+#
+# PLAN holds one run per line, `NAME [ENV=VALUE ...]`, e.g. `leaky05_s42 SEED=42 LEAKY_RELU_SLOPE=0.5`; blank lines
+# and lines starting with # are skipped. A run's output goes to logs/NAME.out and its log to logs/NAME.txt; a run
+# whose log is complete already is not run again. Exit code 1 if a run failed, 2 for a bad plan.
+set -euo pipefail
+fail() { echo "error: $*" >&2; exit 2; }
+[ $# -ge 1 ] && [ $# -le 2 ] || fail "usage: bash eval/ablate.sh PLAN [SHARED_DATA_DIR]"
+[ -f "$1" ] || fail "plan $1 not found"
+plan=$(realpath "$1")
+src=$(realpath "${2:-$(dirname "$0")/../../shared/data}" 2>/dev/null) || fail "shared data folder ${2:-} not found"
+cd "$(dirname "$0")/.."
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+jobs=${JOBS:-$(( gpus > 0 ? gpus : 1 ))}
+[[ $jobs =~ ^[1-9][0-9]*$ ]] || fail "JOBS=$jobs is not a whole number >= 1"
+data=${PROXY_DATA_DIR:-/tmp/proxy_data}
+
+names=() settings=()
+while read -r name rest; do
+  [[ -z $name || $name == \#* ]] && continue
+  [[ $name =~ ^[A-Za-z0-9_.-]+$ ]] || fail "$plan: run name '$name' may hold only letters, digits, '_', '.', '-'"
+  for kv in $rest; do [[ $kv =~ ^[A-Z][A-Z0-9_]*=[^=]*$ ]] || fail "$plan: '$kv' in run $name is not ENV=VALUE"; done
+  for seen in "${names[@]}"; do [ "$seen" != "$name" ] || fail "$plan: run name $name appears twice"; done
+  names+=("$name") settings+=("$rest")
+done < "$plan"
+[ ${#names[@]} -gt 0 ] || fail "$plan holds no runs"
+bash eval/proxy_data.sh "$src" "$data"
+mkdir -p logs
+
+declare -A slot_of=()
+free=($(seq 0 $((jobs - 1))))
+failed=0
+finish_one() {  # wait for any run to end and give its slot back
+  local pid
+  wait -n -p pid || failed=1
+  free+=("${slot_of[$pid]}")
+  unset "slot_of[$pid]"
+}
+for i in "${!names[@]}"; do
+  name=${names[$i]}
+  if grep -qs "^final_int6_sliding_window_exact" "logs/$name.txt"; then
+    echo "$(date +%H:%M:%S) $name: done already (logs/$name.txt)"
+    continue
+  fi
+  [ ${#free[@]} -gt 0 ] || finish_one
+  slot=${free[0]}
+  free=("${free[@]:1}")
+  rm -f "logs/$name.txt"  # an unfinished log from an earlier try would be appended to
+  echo "$(date +%H:%M:%S) start $name ${settings[$i]} (slot $slot of $jobs)"
+  # shellcheck disable=SC2086
+  ( [ "$gpus" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$slot
+    env ${settings[$i]} RUN_ID="$name" PROXY_DATA_DIR="$data" bash eval/proxy.sh "$src" > "logs/$name.out" 2>&1 ) &
+  slot_of[$!]=$slot
+done
+while [ ${#slot_of[@]} -gt 0 ]; do finish_one; done
+
+for name in "${names[@]}"; do
+  if grep -qs "^final_int6_sliding_window_exact" "logs/$name.txt"; then
+    python3 tools/logs.py summary "logs/$name.txt"
+  else
+    echo "$name: failed ($(grep -h '^error:' "logs/$name.out" 2>/dev/null | head -1 || true); see logs/$name.out)"
+    failed=1
+  fi
+done
+exit $failed
