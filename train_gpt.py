@@ -616,8 +616,9 @@ def mlp_output_and_grads(mlp: MLP, x: Tensor, d_out: Tensor) -> list[Tensor]:
 
 
 def select_mlp_kernel(hp: Hyperparameters, device: torch.device, log) -> str:
-    """MLP_KERNEL resolved: the fused Triton kernel where it runs and matches the torch path in float64
-    (output and all three gradients), else the torch path; an explicit request that cannot be met is an error."""
+    """MLP_KERNEL resolved: the fused Triton kernel where it runs and matches the torch path in float64 (output
+    and all three gradients, at every layer's slope), else the torch path; an explicit request that cannot be met
+    is an error."""
     want = hp.mlp_kernel
     if want == "torch" or (want == "auto" and (device.type != "cuda" or triton is None)):
         log("mlp: torch")
@@ -629,12 +630,14 @@ def select_mlp_kernel(hp: Hyperparameters, device: torch.device, log) -> str:
     x, w_fc, w_proj = (torch.randn(*s, device=device, generator=gen) / s[-1] ** 0.5 for s in ((4096, dim), (hidden, dim), (dim, hidden)))
     d_out = torch.randn(4096, dim, device=device, generator=gen)
     try:
-        errs = []
-        for impl, dtype in (("triton", torch.bfloat16 if device.type == "cuda" else torch.float32), ("torch", torch.float64)):
-            mlp = MLP(dim, hidden, hp.leaky_relu_slope, impl).to(device, dtype)
-            mlp.load_state_dict({"fc.weight": w_fc, "proj.weight": w_proj})
-            errs.append(mlp_output_and_grads(mlp, x, d_out))
-        err = max(relative_error(a, r) for a, r in zip(*errs))
+        err = 0.0
+        for slope in sorted(set(hp.layer_slopes)):
+            errs = []
+            for impl, dtype in (("triton", torch.bfloat16 if device.type == "cuda" else torch.float32), ("torch", torch.float64)):
+                mlp = MLP(dim, hidden, slope, impl).to(device, dtype)
+                mlp.load_state_dict({"fc.weight": w_fc, "proj.weight": w_proj})
+                errs.append(mlp_output_and_grads(mlp, x, d_out))
+            err = max(err, *(relative_error(a, r) for a, r in zip(*errs)))
         problem = "" if err <= 1e-2 else f"off by {err:.1e} against float64"
     except Exception as e:  # a GPU or triton build that cannot compile the kernel
         problem = f"{type(e).__name__}: {str(e)[:200]}"

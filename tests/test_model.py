@@ -284,6 +284,15 @@ for slope in (0.0, 0.5, -0.014):  # odd sizes: every tile of the kernel is partl
     assert max(errs) < 1e-5, errs
 log = []
 assert tg.select_mlp_kernel(tiny_hp(mlp_kernel="triton"), torch.device("cpu"), log.append) == "triton", log
+launch = tg.launch_squared_act_grad  # a kernel broken for one slope only: the check must try every layer's slope
+tg.launch_squared_act_grad = lambda d_out, w_proj, saved, slope, tiles: (
+    torch.zeros_like(saved) if slope == 0.3 else launch(d_out, w_proj, saved, slope, tiles))
+assert tg.select_mlp_kernel(tiny_hp(mlp_kernel="auto"), torch.device("cpu"), log.append) == "torch"  # CPU: torch path
+try:
+    tg.select_mlp_kernel(tiny_hp(mlp_kernel="triton", leaky_relu_slopes="0.0,0.3"), torch.device("cpu"), log.append)
+    sys.exit("a kernel broken at a layer's slope passed the start-up check")
+except tg.ConfigError as e:
+    assert "failed its check (off by" in str(e), e
 tg.launch_squared_act_grad = lambda d_out, w_proj, saved, slope, tiles: torch.zeros_like(saved)  # a broken kernel
 try:
     tg.select_mlp_kernel(tiny_hp(mlp_kernel="triton"), torch.device("cpu"), log.append)
