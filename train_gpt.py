@@ -1651,6 +1651,13 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def select_kernels(hp: Hyperparameters, device: torch.device, world: int, log) -> tuple[Hyperparameters, str]:
+    """The start-up kernel choices at the training shapes: (hp with MLP_KERNEL resolved, the attention impl)."""
+    micro_batch = max(1, hp.train_batch_tokens // (world * grad_accum_steps(hp, world) * hp.train_seq_len))
+    attn_impl = select_attention(hp, device, micro_batch, log)
+    return dataclasses.replace(hp, mlp_kernel=select_mlp_kernel(hp, device, log)), attn_impl
+
+
 def run(hp: Hyperparameters, rank: int, world: int, device: torch.device, log):
     """Train, export and score (or, with EVAL_ARTIFACT, only score)."""
     log(f"command: {' '.join(sys.argv)}")
@@ -1671,9 +1678,7 @@ def run(hp: Hyperparameters, rank: int, world: int, device: torch.device, log):
         Path(artifact).parent.mkdir(parents=True, exist_ok=True)
         if not os.access(Path(artifact).parent, os.W_OK):
             raise ConfigError(f"cannot write the artifact {artifact}: its folder is not writable (set ARTIFACT_PATH)")
-    micro_batch = max(1, hp.train_batch_tokens // (world * grad_accum_steps(hp, world) * hp.train_seq_len))
-    attn_impl = select_attention(hp, device, micro_batch, log)
-    hp = dataclasses.replace(hp, mlp_kernel=select_mlp_kernel(hp, device, log))
+    hp, attn_impl = select_kernels(hp, device, world, log)
     ev = EvalContext(hp, rank, world, device, attn_impl, log)
     if not hp.eval_artifact:
         model = train(hp, rank, world, device, attn_impl, log, ev)

@@ -10,7 +10,6 @@ where wall is the host clock around the timed steps (after a final sync): the ph
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -78,9 +77,7 @@ def main(argv=None) -> int:
     hp = tg.Hyperparameters.from_env()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(hp.seed)
-    micro = max(1, hp.train_batch_tokens // (tg.grad_accum_steps(hp, 1) * hp.train_seq_len))
-    attn_impl = tg.select_attention(hp, device, micro, print)
-    hp = dataclasses.replace(hp, mlp_kernel=tg.select_mlp_kernel(hp, device, print))
+    hp, attn_impl = tg.select_kernels(hp, device, 1, print)
     parts = tg.setup_training(hp, 0, 1, device, attn_impl, print)
     momentum = tg.Schedule.from_hp(hp).momentum(0.0)
     for _ in range(a.warmup):
