@@ -3,6 +3,11 @@
 # started as soon as a GPU is free; last, one summary line per run (tools/logs.py), in plan order.
 #
 #   bash eval/ablate.sh PLAN [SHARED_DATA_DIR]      (JOBS=N runs at once; default: the GPU count, or 1)
+#   RUNS="a_s1337 a_s42" bash eval/ablate.sh PLAN   (only these runs of the plan)
+#
+# JOBS above the GPU count puts several runs on one GPU (run i on GPU i mod count): their compile and export
+# (CPU) overlap the other runs' steps, so more runs finish per hour, but their ms/step are not speed figures;
+# use it with fixed steps (PROXY_SECONDS=0 ITERATIONS=N), never with a wallclock budget.
 #
 # PLAN holds one run per line, `NAME [ENV=VALUE ...]`, e.g. `leaky05_s42 SEED=42 LEAKY_RELU_SLOPE=0.5`; blank lines
 # and lines starting with # are skipped. A run's output goes to logs/NAME.out and its log to logs/NAME.txt; a run
@@ -28,6 +33,20 @@ while read -r name rest; do
   names+=("$name") settings+=("$rest")
 done < "$plan"
 [ ${#names[@]} -gt 0 ] || fail "$plan holds no runs"
+if [ -n "${RUNS:-}" ]; then  # keep the named runs, in plan order
+  for want in $RUNS; do
+    [[ " ${names[*]} " == *" $want "* ]] || fail "RUNS names $want, which is not a run of $plan"
+  done
+  all_names=("${names[@]}") all_settings=("${settings[@]}")
+  names=() settings=()
+  for i in "${!all_names[@]}"; do
+    if [[ " $RUNS " == *" ${all_names[$i]} "* ]]; then names+=("${all_names[$i]}") settings+=("${all_settings[$i]}"); fi
+  done
+fi
+if [ "$gpus" -gt 0 ] && [ "$jobs" -gt "$gpus" ]; then
+  [ "${PROXY_SECONDS:-150}" = 0 ] || fail "JOBS=$jobs shares $gpus GPU(s) between runs: use fixed steps (PROXY_SECONDS=0 ITERATIONS=N)"
+  echo "JOBS=$jobs on $gpus GPU(s): runs share GPUs, so their ms/step are not speed figures"
+fi
 bash eval/proxy_data.sh "$src" "$data"
 mkdir -p logs
 
@@ -51,7 +70,7 @@ for i in "${!names[@]}"; do
   rm -f "logs/$name.txt"  # an unfinished log from an earlier try would be appended to
   echo "$(date +%H:%M:%S) start $name ${settings[$i]} (slot $slot of $jobs)"
   # shellcheck disable=SC2086
-  ( [ "$gpus" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$slot
+  ( [ "$gpus" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$((slot % gpus))
     env ${settings[$i]} RUN_ID="$name" PROXY_DATA_DIR="$data" bash eval/proxy.sh "$src" > "logs/$name.out" 2>&1 ) &
   slot_of[$!]=$slot
 done

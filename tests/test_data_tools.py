@@ -141,20 +141,22 @@ def test_proxy_script_runs_and_summarises(tmp_path, shared_data, nproc):
 
 
 def test_ablation_plan_runs_each_line_once(tmp_path, shared_data):
-    """eval/ablate.sh: every plan line is a proxy run with its env on top, two at a time; a finished run is
-    not run again; the summary comes in plan order."""
+    """eval/ablate.sh: every plan line RUNS names is a proxy run with its env on top, two at a time; a finished
+    run is not run again; the summary comes in plan order."""
     plan = tmp_path / "plan.txt"
-    plan.write_text("# a comment\nablate_test_a SEED=3\n\nablate_test_b SEED=4 LEAKY_RELU_SLOPE=0.5\n")
+    plan.write_text("# a comment\nablate_test_a SEED=3\nablate_test_c SEED=5\n\nablate_test_b SEED=4 LEAKY_RELU_SLOPE=0.5\n")
     cmd = ["bash", str(ROOT / "eval" / "ablate.sh"), str(plan), str(shared_data)]
+    only = {"RUNS": "ablate_test_b ablate_test_a"}
     try:
-        r = subprocess.run(cmd, env=proxy_env(tmp_path, JOBS="2", PROXY_SECONDS="2"), capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(cmd, env=proxy_env(tmp_path, JOBS="2", PROXY_SECONDS="2", **only), capture_output=True,
+                           text=True, timeout=600)
         assert r.returncode == 0, failure_tail(r)
         lines = r.stdout.strip().splitlines()
         assert [line.split(":")[0] for line in lines[-2:]] == ["logs/ablate_test_a.txt", "logs/ablate_test_b.txt"]
         logs = [parse_log(str(ROOT / "logs" / f"ablate_test_{x}.txt"))["hparams"] for x in "ab"]
         assert (logs[0]["seed"], logs[1]["seed"], logs[1]["leaky_relu_slope"]) == (3, 4, 0.5)
-        again = subprocess.run(cmd, env=proxy_env(tmp_path), capture_output=True, text=True, timeout=600)
+        assert not (ROOT / "logs" / "ablate_test_c.txt").exists()
+        again = subprocess.run(cmd, env=proxy_env(tmp_path, **only), capture_output=True, text=True, timeout=600)
         assert again.returncode == 0 and again.stdout.count("done already") == 2, failure_tail(again)
     finally:
         for f in (ROOT / "logs").glob("ablate_test_*"):

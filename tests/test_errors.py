@@ -74,6 +74,9 @@ def test_proxy_and_quickstart_bad_input(tmp_path):
     (tmp_path / "twice.txt").write_text("a SEED=1\na SEED=2\n")
     assert_one_error(run([*ablate, "twice.txt", str(tmp_path)], tmp_path), "run name a appears twice")
     assert_one_error(run([*ablate, "none.txt"], tmp_path), "plan none.txt not found")
+    (tmp_path / "good.txt").write_text("a SEED=1\n")
+    assert_one_error(run([*ablate, "good.txt", str(tmp_path)], tmp_path, {**os.environ, "RUNS": "a b"}),
+                     "RUNS names b, which is not a run of")
 
 
 def test_build_shards_bad_input_leaves_nothing(tmp_path, tokenizer):
