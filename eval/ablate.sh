@@ -5,8 +5,9 @@
 #   bash eval/ablate.sh PLAN [SHARED_DATA_DIR]      (JOBS=N runs at once; default: the GPU count, or 1)
 #   RUNS="a_s1337 a_s42" bash eval/ablate.sh PLAN   (only these runs of the plan)
 #
-# JOBS above the GPU count puts several runs on one GPU (slot i on GPU i mod count), each started once the run
-# before it there has compiled (compiles at once starve each other of CPU): a compile and an export (CPU) overlap
+# JOBS above the GPU count puts JOBS/count runs on each GPU (neighbours in the plan share one: list an arm's
+# seeds together and the second finds the first's compiled graphs in the cache), each started once the run before
+# it there has compiled (compiles at once starve each other of CPU): a compile and an export (CPU) overlap
 # another run's steps, so more runs finish per hour, but their ms/step are not speed figures; use it with fixed
 # steps (PROXY_SECONDS=0 ITERATIONS=N), never with a wallclock budget.
 #
@@ -60,10 +61,9 @@ finish_one() {  # wait for any run to end and give its slot back (the summary be
   unset "slot_of[$pid]"
 }
 declare -A last_on=()  # GPU -> "pid name" of the run started there last
-wait_for_compile() {  # until the run started last on GPU $1 has logged its warm-up (or ended)
-  local pid prev
-  read -r pid prev <<< "${last_on[$1]:-0 -}"
-  while [ "$pid" != 0 ] && kill -0 "$pid" 2>/dev/null && ! grep -qs '^warmup:' "logs/$prev.txt"; do sleep 5; done
+wait_for_compile() {  # until run $2 (process $1) has logged its warm-up, or ended; no arguments: no wait
+  [ $# -eq 2 ] || return 0
+  while kill -0 "$1" 2>/dev/null && ! grep -qs '^warmup:' "logs/$2.txt"; do sleep 5; done
 }
 for i in "${!names[@]}"; do
   name=${names[$i]}
@@ -74,12 +74,12 @@ for i in "${!names[@]}"; do
   [ ${#free[@]} -gt 0 ] || finish_one
   slot=${free[0]}
   free=("${free[@]:1}")
-  gpu=$(( gpus > 0 ? slot % gpus : 0 ))
-  wait_for_compile $gpu
+  gpu=$(( gpus == 0 ? 0 : jobs > gpus ? slot * gpus / jobs : slot ))
   rm -f "logs/$name.txt"  # an unfinished log from an earlier try would be appended to
-  echo "$(date +%H:%M:%S) start $name ${settings[$i]} (slot $slot of $jobs)"
   # shellcheck disable=SC2086
   ( [ "$gpus" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$gpu
+    wait_for_compile ${last_on[$gpu]:-}
+    echo "$(date +%H:%M:%S) start $name ${settings[$i]} (slot $slot of $jobs)"
     env ${settings[$i]} RUN_ID="$name" PROXY_DATA_DIR="$data" bash eval/proxy.sh "$src" > "logs/$name.out" 2>&1 ) &
   slot_of[$!]=$slot last_on[$gpu]="$! $name"
 done
