@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+import typing
 import warnings
 import zlib
 from pathlib import Path
@@ -118,8 +119,15 @@ class Hyperparameters:
     qat_soft_round: bool = False  # QAT rounds with a sigmoid whose sharpness ramps 1 -> 16 (differentiable)
     lr_floor: float = 0.0  # the warmdown ends at this LR scale instead of 0
     # export
-    quantizer: str = "gptq_lite"  # how each matrix becomes integers (see QUANTIZERS)
+    quantizer: str = "gptq_lite"  # how each matrix becomes integers: gptq_lite (rounding) | gptq (Hessian error feedback)
     quant_bits: int = 6
+    clip_mode: str = "search"  # row scales: search (the least-error of CLIP_PERCENTILES) | sdclip (SDCLIP_K * std of the row)
+    sdclip_k: float = 12.85  # block matrices' clip in row standard deviations (CLIP_MODE=sdclip)
+    sdclip_k_embed: float = 14.0  # embedding tables' clip in row standard deviations
+    gptq_calib_batches: int = 16  # training batches whose activations give GPTQ its Hessians
+    gptq_reserve_seconds: float = 8.0  # with a wallclock cap, training stops this much earlier for the calibration
+    gptq_damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
+    gptq_block: int = 128  # columns per lazy error-feedback block
     quant_min_numel: int = 65_536  # tensors with at most this many elements pass through as fp16/fp32
     quant_clip_floor: float = 1.0  # row clips never go below this (the record's scale >= 1/31): bounds the size
     size_fit: bool = True  # if the artifact is over SIZE_LIMIT, raise the clip floor by 10% until it fits
@@ -141,6 +149,14 @@ class Hyperparameters:
         return hp
 
     @property
+    def train_seconds(self) -> float:
+        """The training loop's wallclock cap (0 = none): with GPTQ the calibration's reserve comes off it, so that
+        training and calibration together stay within MAX_WALLCLOCK_SECONDS."""
+        if self.max_wallclock_seconds <= 0 or self.quantizer != "gptq":
+            return self.max_wallclock_seconds
+        return self.max_wallclock_seconds - self.gptq_reserve_seconds
+
+    @property
     def percentiles(self) -> tuple[float, ...]:
         return tuple(float(p) for p in self.clip_percentiles.split(","))
 
@@ -159,26 +175,30 @@ class Hyperparameters:
 
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_stride", "val_batch_size",
                      "train_log_every", "num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "bigram_dim",
-                     "ve_dim", "engram_heads", "engram_dim", "muon_backend_steps", "clock_sync_every", "size_limit"):
+                     "ve_dim", "engram_heads", "engram_dim", "muon_backend_steps", "clock_sync_every", "size_limit",
+                     "gptq_calib_batches", "gptq_block"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         for name in ("seed", "max_wallclock_seconds", "warmup_steps", "grad_accum_steps", "val_loss_every", "xsa_last_n",
                      "ve_last_n", "bigram_vocab_size", "engram_buckets", "rope_dims", "leaky_relu_slope", "matrix_lr", "tied_embed_lr",
                      "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm", "ema_frac", "late_qat_threshold",
-                     "quant_min_numel", "quant_clip_floor"):
+                     "quant_min_numel", "quant_clip_floor", "gptq_reserve_seconds"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         for name in ("warmdown_frac", "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_frac",
                      "beta1", "beta2", "swa_start_scale", "lr_floor"):
             need(0 <= getattr(self, name) <= 1, name, "must be between 0 and 1")
-        for name in ("mlp_mult", "rope_base", "logit_softcap", "tied_embed_init_std", "adam_eps", "swa_every_frac", "ns_margin"):
+        for name in ("mlp_mult", "rope_base", "logit_softcap", "tied_embed_init_std", "adam_eps", "swa_every_frac", "ns_margin",
+                     "sdclip_k", "sdclip_k_embed", "gptq_damp"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name, allowed in (("compressor", CODECS), ("quantizer", QUANTIZERS), ("muon_backend", QUINTIC_COEFFS),
-                              ("bigram_hash", BIGRAM_HASHES),
+                              ("bigram_hash", BIGRAM_HASHES), ("clip_mode", CLIP_MODES),
                               ("attn_backend", ATTN_BACKENDS), ("mlp_kernel", MLP_KERNELS)):
             need(getattr(self, name) in allowed, name, f"is not one of {', '.join(allowed)}")
         for name in ("quant_bits", "embed_quant_bits"):
             need(2 <= getattr(self, name) <= 8, name, "must be between 2 and 8 (stored as int8)")
         need(self.vocab_size <= 1 << 16, "vocab_size", "must fit the shards' uint16 token ids (at most 65536)")
         need(self.bigram_vocab_size != 1, "bigram_vocab_size", "must be 0 (off) or at least 2")
+        need(self.gptq_reserve_seconds < self.max_wallclock_seconds or self.max_wallclock_seconds == 0
+             or self.quantizer != "gptq", "gptq_reserve_seconds", f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         need(self.engram_orders in (1, 2), "engram_orders", "must be 1 (bigrams) or 2 (bigrams and trigrams)")
         need(self.eval_stride <= self.eval_seq_len, "eval_stride", f"must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.model_dim % self.num_heads == 0, "model_dim", f"must be a multiple of NUM_HEADS={self.num_heads}")
@@ -1015,7 +1035,7 @@ class Schedule:
 
     @classmethod
     def from_hp(cls, hp: Hyperparameters) -> "Schedule":
-        return cls(hp.iterations, 1000.0 * hp.max_wallclock_seconds, hp.warmdown_frac, hp.muon_momentum_warmup_start,
+        return cls(hp.iterations, 1000.0 * hp.train_seconds, hp.warmdown_frac, hp.muon_momentum_warmup_start,
                    hp.muon_momentum, hp.muon_momentum_warmup_frac, hp.ema_frac,
                    hp.swa_every_frac if hp.swa_enabled else 0.0, hp.swa_start_scale, hp.late_qat_threshold, hp.lr_floor)
 
@@ -1211,9 +1231,70 @@ class WeightAverages:
         return self.ema if self.ema is not None else self.weights
 
 
-def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log, ev: EvalContext) -> GPT:
+def collect_hessians(model: GPT, loader: TrainLoader, batches: int, quant: Quantizer, world: int) -> dict[str, Tensor]:
+    """GPTQ's calibration: X^T X of the inputs of every matrix the export quantises, summed over the training
+    loader's next `batches` batches and over ranks. The block matrices' inputs, and for the tied embedding the
+    final hidden state, the input of the output head (its other use, the token lookup, has no input to weigh)."""
+    wanted = {n for n, t in model.state_dict().items() if quant.kind(n, t).startswith("int")}
+    sums: dict[str, Tensor] = {}
+
+    def add(names: list[str], x: Tensor):
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        gram = x.T @ x
+        for n in names:
+            if n in wanted:
+                sums[n] = sums[n] + gram if n in sums else gram.clone()
+
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, CausalSelfAttention):  # q, k and v read the block's input in one matrix product
+            names = [f"{name}.{c}.weight" for c in ("c_q", "c_k", "c_v")]
+        elif isinstance(m, CastedLinear):
+            names = [f"{name}.weight"]
+        else:
+            continue
+        hooks.append(m.register_forward_pre_hook(lambda _, args, names=names: add(names, args[0])))
+    fused = [m for m in model.modules() if isinstance(m, MLP) and m.fused]
+    try:
+        for m in fused:  # the fused MLP reads its weights directly; the plain path calls fc and proj
+            m.fused = False
+        with torch.no_grad():
+            for _ in range(batches):
+                for x, _ in loader.next_step():
+                    add(["tok_emb.weight"], model.hidden(x))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in fused:
+            m.fused = True
+    if world > 1:
+        for n in sorted(sums):
+            dist.all_reduce(sums[n])
+    return sums
+
+
+def calibrate(parts: TrainingParts, hp: Hyperparameters, quant: Quantizer, world: int, train_s: float, log) -> dict:
+    """The Hessians for GPTQ, timed against the training budget they belong to."""
+    t0 = time.perf_counter()
+    hessians = collect_hessians(parts.model, parts.loader, hp.gptq_calib_batches, quant, world)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    took = time.perf_counter() - t0
+    msg = f"gptq_calibration: {hp.gptq_calib_batches} training batches, {len(hessians)} Hessians in {took:.1f}s"
+    if hp.max_wallclock_seconds > 0:
+        total, cap = train_s + took, hp.max_wallclock_seconds
+        msg += f"; training {train_s:.1f}s + calibration {took:.1f}s = {total:.1f}s of MAX_WALLCLOCK_SECONDS={cap:g}"
+        if total > cap:
+            msg += f": OVERRAN the budget by {total - cap:.1f}s (raise GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g})"
+    log(msg)
+    return hessians
+
+
+def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log,
+          ev: EvalContext) -> tuple[GPT, dict[str, Tensor]]:
+    """The training loop; returns the final (averaged) model and, for GPTQ, the Hessians from its calibration."""
     parts = setup_training(hp, rank, world, device, attn_impl, log)
-    sched, quant = Schedule.from_hp(hp), Quantizer.from_hp(hp)
+    sched, quant = Schedule.from_hp(hp), QUANTIZERS[hp.quantizer].from_hp(hp)
     if hp.qat_soft_round:
         quant = dataclasses.replace(quant, sharpness=torch.ones((), device=device))
     qat_layers = quantized_linears(parts.model, quant)
@@ -1273,10 +1354,15 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
             log(f"ranks_in_sync:{int(torch.equal(lo, hi))}")
     set_qat(qat_layers, None)
-    return parts.model
+    hessians = calibrate(parts, hp, quant, world, elapsed_ms / 1000, log) if quant.needs_hessians else {}
+    return parts.model, hessians
 
 
 # ---------------------------------------------------------------------------------------------- quantization/export
+def round_rows(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    return torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax)
+
+
 def quantize_rows(w: Tensor, bits: int, percentiles: tuple[float, ...], clip_floor: float) -> tuple[Tensor, Tensor]:
     """Symmetric per-row quantisation to [-(2^(b-1)-1), 2^(b-1)-1] with an fp16 scale. For each row the clip is
     the percentile of |w| (linear interpolation) among `percentiles` that gives the least squared error, but never
@@ -1293,7 +1379,7 @@ def quantize_rows(w: Tensor, bits: int, percentiles: tuple[float, ...], clip_flo
         hi = min(lo + 1, top.size(1) - 1)
         clip = (top[:, lo] + (pos - lo) * (top[:, hi] - top[:, lo])).clamp_min(clip_floor)
         scale = (clip / qmax).clamp_min(2 ** -24).half().float()
-        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+        q = round_rows(w, scale, qmax)
         err = (q * scale[:, None] - w).square().sum(1)
         if best_err is None:
             best_q, best_scale, best_err = q, scale, err
@@ -1302,6 +1388,12 @@ def quantize_rows(w: Tensor, bits: int, percentiles: tuple[float, ...], clip_flo
             best_q = torch.where(better[:, None], q, best_q)
             best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
     return best_q.to(torch.int8), best_scale.half()
+
+
+def sdclip_scales(w: Tensor, bits: int, k: float, clip_floor: float) -> Tensor:
+    """SDClip: each row's clip is k standard deviations of the row (never below `clip_floor`), as an fp16 scale."""
+    clip = (k * w.float().std(dim=1)).clamp_min(clip_floor)
+    return (clip / (2 ** (bits - 1) - 1)).clamp_min(2 ** -24).half()
 
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
@@ -1317,24 +1409,67 @@ def soft_round(w: Tensor, scale: Tensor, qmax: int, sharpness: Tensor) -> Tensor
     return (base + torch.sigmoid(sharpness * (z - base - 0.5))) * scale[:, None]
 
 
+def gptq_rows(w: Tensor, hessian: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
+    """GPTQ (Frantar et al. 2022) on fixed row scales: columns are rounded one at a time, largest Hessian
+    diagonal first, and each column's rounding error is spread over the columns not yet rounded so that the
+    error in the layer's output, (W - Q) X with H = X^T X, is what is minimised rather than |W - Q|. The update
+    uses the upper Cholesky factor U of H^-1: after column i, W[:, j] -= (w_i - q_i) / U[i, i] * U[i, j] for j > i,
+    applied lazily a block of columns at a time."""
+    qmax = 2 ** (bits - 1) - 1
+    W, H = w.float().clone(), hessian.float().clone()
+    dead = (H.diagonal() == 0).nonzero().squeeze(1)  # inputs that were always zero: their weights do not matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    order = torch.argsort(H.diagonal(), descending=True)
+    W, H = W[:, order], H[order][:, order]
+    mean_diag = H.diagonal().mean()
+    for attempt in range(5):  # a Hessian that is not positive definite gets more damping
+        L, info = torch.linalg.cholesky_ex(H + (damp * 10 ** attempt) * mean_diag * torch.eye(len(H), device=H.device))
+        if info == 0:
+            break
+    else:
+        raise ArtifactError("GPTQ: the Hessian is not positive definite even with 10,000x damping")
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    s = scale.float()
+    Q = torch.empty_like(W)
+    n = W.size(1)
+    for b0 in range(0, n, block):
+        b1 = min(b0 + block, n)
+        Wb, Ub, errs = W[:, b0:b1], U[b0:b1, b0:b1], torch.empty_like(W[:, b0:b1])
+        for j in range(b1 - b0):
+            q = torch.clamp(torch.round(Wb[:, j] / s), -qmax, qmax)
+            Q[:, b0 + j] = q
+            errs[:, j] = (Wb[:, j] - q * s) / Ub[j, j]
+            Wb[:, j + 1:] -= errs[:, j:j + 1] * Ub[j:j + 1, j + 1:]
+        W[:, b1:] -= errs @ U[b0:b1, b1:]
+    return Q[:, torch.argsort(order)].to(torch.int8)
+
+
+CLIP_MODES = ("search", "sdclip")
+
+
 @dataclasses.dataclass(frozen=True)
 class Quantizer:
     """What the export does to each tensor, shared by late QAT, the export and the size fit. Block matrices
     (attention, MLP) become `bits`-bit integers per row, embedding tables `embed_bits`; control tensors stay fp32
-    and the other small tensors fp16. This one (gptq_lite) picks each row's clip from `percentiles` by squared
-    error; a Hessian-based quantiser subclasses it, overrides `quantize` (it gets the tensor's name to find its
-    Hessian) and registers in QUANTIZERS. QAT keeps the row quantiser: it sees no Hessians while training."""
+    and the other small tensors fp16. Row scales come from CLIP_MODE; this quantiser (gptq_lite) then rounds each
+    value to the nearest step. A Hessian-based one (GPTQ below) overrides `quantize`, which gets the tensor's name
+    to find its Hessian. QAT rounds to the nearest step on the same scales: it sees no Hessians while training."""
     bits: int
     embed_bits: int
     percentiles: tuple[float, ...]
     clip_floor: float
     min_numel: int  # tensors with at most this many elements are not quantised
     sharpness: Tensor | None = None  # QAT_SOFT_ROUND: the soft rounding's sharpness (a device scalar the loop sets)
+    clip_mode: str = "search"
+    sdclip_k: float = 12.85
+    sdclip_k_embed: float = 14.0
+    needs_hessians: typing.ClassVar[bool] = False
 
     @classmethod
     def from_hp(cls, hp: Hyperparameters) -> "Quantizer":
-        return QUANTIZERS[hp.quantizer](hp.quant_bits, hp.embed_quant_bits, hp.percentiles, hp.quant_clip_floor,
-                                        hp.quant_min_numel)
+        return cls(hp.quant_bits, hp.embed_quant_bits, hp.percentiles, hp.quant_clip_floor, hp.quant_min_numel,
+                   clip_mode=hp.clip_mode, sdclip_k=hp.sdclip_k, sdclip_k_embed=hp.sdclip_k_embed)
 
     def kind(self, name: str, t: Tensor) -> str:
         """int: large matrices; int_embed: large embedding tables; fp32: control tensors (scales, gates, mixes,
@@ -1346,27 +1481,56 @@ class Quantizer:
     def bits_of(self, kind: str) -> int:
         return self.bits if kind == "int" else self.embed_bits
 
+    def row_scales(self, w: Tensor, bits: int, embed: bool = False) -> Tensor:
+        """fp16 row scales of a 2-D tensor."""
+        if self.clip_mode == "sdclip":
+            return sdclip_scales(w, bits, self.sdclip_k_embed if embed else self.sdclip_k, self.clip_floor)
+        return quantize_rows(w, bits, self.percentiles, self.clip_floor)[1]
+
     def quantize(self, name: str, w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         """(int8 values, fp16 row scales) of a 2-D tensor."""
-        return quantize_rows(w, bits, self.percentiles, self.clip_floor)
+        scale = self.row_scales(w, bits, embed=self.kind(name, w) == "int_embed")
+        return round_rows(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale
 
     def fake_quantize(self, w: Tensor) -> Tensor:
         """A block matrix as the export's row quantiser stores it."""
-        return dequantize_rows(*quantize_rows(w, self.bits, self.percentiles, self.clip_floor)).to(w.dtype)
+        scale = self.row_scales(w, self.bits)
+        return dequantize_rows(round_rows(w, scale, 2 ** (self.bits - 1) - 1), scale).to(w.dtype)
 
     def qat_weight(self, w: Tensor) -> Tensor:
         """A block matrix in late QAT's forward: the exported value with a straight-through gradient, or with
         QAT_SOFT_ROUND a soft rounding on the export's row scales that the gradient passes through."""
         if self.sharpness is None:
             return w + (self.fake_quantize(w) - w).detach()
-        _, scale = quantize_rows(w.detach(), self.bits, self.percentiles, self.clip_floor)
+        scale = self.row_scales(w.detach(), self.bits)
         return soft_round(w, scale.float(), 2 ** (self.bits - 1) - 1, self.sharpness).to(w.dtype)
 
     def with_floor(self, clip_floor: float) -> "Quantizer":
         return dataclasses.replace(self, clip_floor=clip_floor)
 
 
-QUANTIZERS = {"gptq_lite": Quantizer}
+@dataclasses.dataclass(frozen=True)
+class GPTQ(Quantizer):
+    """QUANTIZER=gptq: the same row scales, rounded by `gptq_rows` with the Hessian of each matrix's inputs
+    (`collect_hessians`, from training batches at the end of training); a tensor without one is rounded to the
+    nearest step."""
+    hessians: dict = dataclasses.field(default_factory=dict, compare=False)
+    damp: float = 0.01
+    block: int = 128
+    needs_hessians: typing.ClassVar[bool] = True
+
+    @classmethod
+    def from_hp(cls, hp: Hyperparameters) -> "GPTQ":
+        return dataclasses.replace(super().from_hp(hp), damp=hp.gptq_damp, block=hp.gptq_block)
+
+    def quantize(self, name: str, w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+        if name not in self.hessians:
+            return super().quantize(name, w, bits)
+        scale = self.row_scales(w, bits, embed=self.kind(name, w) == "int_embed")
+        return gptq_rows(w, self.hessians[name], scale, bits, self.damp, self.block), scale
+
+
+QUANTIZERS = {"gptq_lite": Quantizer, "gptq": GPTQ}
 ARTIFACT_MAGIC = b"PGA1"
 CODECS = {"zstd": 1, "brotli": 2}
 MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "leaky_relu_slope",
@@ -1458,9 +1622,12 @@ def write_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, qua
     return len(blob)
 
 
-def export_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, code_bytes: int, log) -> int:
+def export_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, code_bytes: int, log,
+                    hessians: dict[str, Tensor] | None = None) -> int:
     """Write the artifact; with SIZE_FIT, raise the clip floor by 10% until code + artifact fit SIZE_LIMIT."""
-    quant = Quantizer.from_hp(hp)
+    quant = QUANTIZERS[hp.quantizer].from_hp(hp)
+    if hessians:
+        quant = dataclasses.replace(quant, hessians={k: v.cpu() for k, v in hessians.items()})
     while True:
         t0 = time.perf_counter()
         nbytes = write_artifact(path, state, hp, quant)
@@ -1681,10 +1848,11 @@ def run(hp: Hyperparameters, rank: int, world: int, device: torch.device, log):
     hp, attn_impl = select_kernels(hp, device, world, log)
     ev = EvalContext(hp, rank, world, device, attn_impl, log)
     if not hp.eval_artifact:
-        model = train(hp, rank, world, device, attn_impl, log, ev)
+        model, hessians = train(hp, rank, world, device, attn_impl, log, ev)
         ev.score(model.state_dict(), "pre_quant_ema")
         if rank == 0:
-            export_artifact(artifact, {k: v.detach().cpu() for k, v in model.state_dict().items()}, hp, len(code), log)
+            export_artifact(artifact, {k: v.detach().cpu() for k, v in model.state_dict().items()}, hp, len(code), log,
+                            hessians)
         if world > 1:
             dist.barrier()
         total = os.path.getsize(artifact) + len(code)

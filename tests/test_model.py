@@ -33,7 +33,12 @@ def test_env_parsing_and_errors():
     ({"VOCAB_SIZE": "70000"}, "at most 65536"),
     ({"QUANT_BITS": "9"}, "QUANT_BITS=9 must be between 2 and 8"),
     ({"COMPRESSOR": "lz4"}, "COMPRESSOR='lz4' is not one of zstd, brotli"),
-    ({"QUANTIZER": "gptq"}, "QUANTIZER='gptq' is not one of gptq_lite"),
+    ({"QUANTIZER": "awq"}, "QUANTIZER='awq' is not one of gptq_lite, gptq"),
+    ({"CLIP_MODE": "max"}, "CLIP_MODE='max' is not one of search, sdclip"),
+    ({"SDCLIP_K": "0"}, "SDCLIP_K=0.0 must be positive"),
+    ({"GPTQ_CALIB_BATCHES": "0"}, "GPTQ_CALIB_BATCHES=0 must be at least 1"),
+    ({"QUANTIZER": "gptq", "MAX_WALLCLOCK_SECONDS": "5", "GPTQ_RESERVE_SECONDS": "5"},
+     "GPTQ_RESERVE_SECONDS=5.0 must be below MAX_WALLCLOCK_SECONDS=5.0"),
     ({"CLIP_PERCENTILES": "0.99,x"}, "CLIP_PERCENTILES='0.99,x' must be a comma-separated list"),
     ({"RUN_ID": "../elsewhere"}, "RUN_ID='../elsewhere' may hold only"),
 ])
