@@ -80,6 +80,36 @@ def test_artifact_round_trip_gives_identical_logits(tmp_path, codec):
     assert loaded["blocks.0.attn_scale"].dtype == torch.float32 and torch.equal(loaded["blocks.0.attn_scale"], state["blocks.0.attn_scale"])
 
 
+@pytest.mark.parametrize("stride", [2, 3, 4])
+def test_byte_shuffle_groups_bytes_by_position_and_round_trips(tmp_path, stride):
+    raw = bytes(range(10)) * 3 + b"xy"
+    shuffled = tg.shuffle_bytes(raw, stride)
+    n = len(raw) - len(raw) % stride
+    assert shuffled[:n // stride] == raw[:n:stride] and shuffled[n:] == raw[n:]  # first every stride-th byte
+    assert tg.unshuffle_bytes(shuffled, stride) == raw and tg.shuffle_bytes(raw, 0) == raw
+    hp = tiny_hp(compressor="zstd", byte_shuffle=stride)
+    _, state = trained_like_state(hp)
+    quant = tg.Quantizer.from_hp(hp)
+    tg.write_artifact(str(tmp_path / "s"), state, hp, quant)
+    tg.write_artifact(str(tmp_path / "p"), state, tiny_hp(compressor="zstd"), quant)
+    assert (tmp_path / "s").read_bytes()[4] == 1 | stride << 4
+    assert tg.read_payload(str(tmp_path / "s")) == tg.read_payload(str(tmp_path / "p"))
+    assert (tmp_path / "s").read_bytes() != (tmp_path / "p").read_bytes()
+
+
+def test_recompress_reports_each_codec_and_shuffle(tmp_path):
+    import subprocess
+    import sys
+    hp = tiny_hp(compressor="zstd")
+    tg.write_artifact(str(tmp_path / "a"), trained_like_state(hp)[1], hp, tg.Quantizer.from_hp(hp))
+    r = subprocess.run([sys.executable, str(tg.Path(tg.__file__).parent / "tools" / "recompress.py"), str(tmp_path / "a"),
+                        "zstd", "--shuffle", "0,2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("raw payload:") and [x.split(":")[0] for x in lines[1:]] == ["zstd byte_shuffle 0", "zstd byte_shuffle 2"]
+    assert int(lines[1].split()[3]) == (tmp_path / "a").stat().st_size
+
+
 def test_same_weights_give_the_same_bytes(tmp_path):
     hp = tiny_hp()
     _, state = trained_like_state(hp)
