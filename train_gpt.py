@@ -7,19 +7,21 @@ config, data, model, optimizer, schedule, training, quantization/export, evaluat
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import faulthandler
 import glob
 import hashlib
+import importlib.util
+import itertools
 import json
 import math
 import os
 import re
 import sys
 import time
-import typing
 import warnings
 import zlib
 from pathlib import Path
@@ -120,7 +122,9 @@ class Hyperparameters:
     lr_floor: float = 0.0  # the warmdown ends at this LR scale instead of 0
     # export
     quantizer: str = "gptq_lite"  # how each matrix becomes integers: gptq_lite (rounding) | gptq (Hessian error feedback)
-    quant_bits: int = 6
+    quant_bits: str = "6"  # block matrices' bits, or mixed: each one MIXED_BITS by GPTQ's error per byte (QUANTIZER=gptq)
+    mixed_bits: str = "5,6,7"  # QUANT_BITS=mixed: the widths, lowest first (every matrix starts there; late QAT uses it)
+    size_target: int = 15_900_000  # QUANT_BITS=mixed promotes matrices until code + artifact reach this
     clip_mode: str = "search"  # row scales: search (the least-error of CLIP_PERCENTILES) | sdclip (SDCLIP_K * std of the row)
     sdclip_k: float = 12.85  # block matrices' clip in row standard deviations (CLIP_MODE=sdclip)
     sdclip_k_embed: float = 14.0  # embedding tables' clip in row standard deviations
@@ -156,6 +160,15 @@ class Hyperparameters:
         if self.max_wallclock_seconds <= 0 or self.quantizer != "gptq":
             return self.max_wallclock_seconds
         return self.max_wallclock_seconds - self.gptq_reserve_seconds
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(int(b) for b in self.mixed_bits.split(","))
+
+    @property
+    def block_bits(self) -> int:
+        """The block matrices' bits for late QAT and a fixed-width export (with mixed: the lowest width)."""
+        return self.widths[0] if self.quant_bits == "mixed" else int(self.quant_bits)
 
     @property
     def percentiles(self) -> tuple[float, ...]:
@@ -194,8 +207,15 @@ class Hyperparameters:
                               ("bigram_hash", BIGRAM_HASHES), ("clip_mode", CLIP_MODES),
                               ("attn_backend", ATTN_BACKENDS), ("mlp_kernel", MLP_KERNELS)):
             need(getattr(self, name) in allowed, name, f"is not one of {', '.join(allowed)}")
-        for name in ("quant_bits", "embed_quant_bits"):
-            need(2 <= getattr(self, name) <= 8, name, "must be between 2 and 8 (stored as int8)")
+        need(2 <= self.embed_quant_bits <= 8, "embed_quant_bits", "must be between 2 and 8 (stored as int8)")
+        need(self.quant_bits == "mixed" or self.quant_bits.isdigit() and 2 <= int(self.quant_bits) <= 8, "quant_bits",
+             "must be mixed or between 2 and 8 (stored as int8)")
+        need(self.quant_bits != "mixed" or self.quantizer == "gptq", "quant_bits",
+             "needs QUANTIZER=gptq (matrices are ranked by their Hessian-weighted error)")
+        need(parses(lambda: all(2 <= b <= 8 for b in self.widths) and list(self.widths) == sorted(set(self.widths))),
+             "mixed_bits", "must be increasing comma-separated bit widths between 2 and 8")
+        need(self.size_target <= self.size_limit or self.quant_bits != "mixed", "size_target",
+             f"must be at most SIZE_LIMIT={self.size_limit}")
         need(self.vocab_size <= 1 << 16, "vocab_size", "must fit the shards' uint16 token ids (at most 65536)")
         need(self.bigram_vocab_size != 1, "bigram_vocab_size", "must be 0 (off) or at least 2")
         need(self.gptq_reserve_seconds < self.max_wallclock_seconds or self.max_wallclock_seconds == 0
@@ -208,19 +228,21 @@ class Hyperparameters:
         need(self.rope_dims % 2 == 0 and self.rope_dims <= self.model_dim // self.num_heads, "rope_dims",
              f"must be even and at most the head dim ({self.model_dim // self.num_heads})")
         need(re.fullmatch(r"[\w.-]+", self.run_id) is not None, "run_id", "may hold only letters, digits, '_', '.', '-'")
-        try:
-            ok = all(0 < p <= 1 for p in self.percentiles)
-        except ValueError:
-            ok = False
-        need(ok, "clip_percentiles", "must be a comma-separated list of numbers in (0, 1]")
-        try:
-            ok = len(self.layer_slopes) == self.num_layers and all(-1 <= s <= 1 for s in self.layer_slopes)
-        except ValueError:
-            ok = False
-        need(ok, "leaky_relu_slopes", f"must be {self.num_layers} comma-separated numbers in [-1, 1], one per layer")
+        need(parses(lambda: all(0 < p <= 1 for p in self.percentiles)), "clip_percentiles",
+             "must be a comma-separated list of numbers in (0, 1]")
+        need(parses(lambda: len(self.layer_slopes) == self.num_layers and all(-1 <= s <= 1 for s in self.layer_slopes)),
+             "leaky_relu_slopes", f"must be {self.num_layers} comma-separated numbers in [-1, 1], one per layer")
 
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parses(check) -> bool:
+    """check(), or False where a list setting does not parse."""
+    try:
+        return bool(check())
+    except ValueError:
+        return False
 
 
 def parse_env_value(name: str, raw: str, kind: type):
@@ -1237,15 +1259,12 @@ def collect_hessians(model: GPT, loader: TrainLoader, batches: int, quant: Quant
     """GPTQ's calibration: X^T X of the inputs of every matrix the export quantises, summed over the training
     loader's next `batches` batches and over ranks. The block matrices' inputs, and for the tied embedding the
     final hidden state, the input of the output head (its other use, the token lookup, has no input to weigh)."""
-    wanted = {n for n, t in model.state_dict().items() if quant.kind(n, t).startswith("int")}
     sums: dict[str, Tensor] = {}
 
     def add(names: list[str], x: Tensor):
         x = x.detach().reshape(-1, x.size(-1)).float()
-        gram = x.T @ x
         for n in names:
-            if n in wanted:
-                sums[n] = sums[n] + gram if n in sums else gram.clone()
+            sums[n] = sums[n] + x.T @ x if n in sums else x.T @ x
 
     hooks = []
     for name, m in model.named_modules():
@@ -1269,10 +1288,12 @@ def collect_hessians(model: GPT, loader: TrainLoader, batches: int, quant: Quant
             h.remove()
         for m in fused:
             m.fused = True
+    state = model.state_dict()
+    hessians = {n: h for n, h in sorted(sums.items()) if quant.kind(n, state[n]).startswith("int")}
     if world > 1:
-        for n in sorted(sums):
-            dist.all_reduce(sums[n])
-    return sums
+        for h in hessians.values():
+            dist.all_reduce(h)
+    return hessians
 
 
 def calibrate(parts: TrainingParts, hp: Hyperparameters, quant: Quantizer, world: int, train_s: float, log) -> dict:
@@ -1281,13 +1302,12 @@ def calibrate(parts: TrainingParts, hp: Hyperparameters, quant: Quantizer, world
     hessians = collect_hessians(parts.model, parts.loader, hp.gptq_calib_batches, quant, world)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    took = time.perf_counter() - t0
+    took, cap = time.perf_counter() - t0, hp.max_wallclock_seconds
     msg = f"gptq_calibration: {hp.gptq_calib_batches} training batches, {len(hessians)} Hessians in {took:.1f}s"
-    if hp.max_wallclock_seconds > 0:
-        total, cap = train_s + took, hp.max_wallclock_seconds
-        msg += f"; training {train_s:.1f}s + calibration {took:.1f}s = {total:.1f}s of MAX_WALLCLOCK_SECONDS={cap:g}"
-        if total > cap:
-            msg += f": OVERRAN the budget by {total - cap:.1f}s (raise GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g})"
+    if cap > 0:
+        msg += f"; training {train_s:.1f}s + calibration {took:.1f}s = {train_s + took:.1f}s of MAX_WALLCLOCK_SECONDS={cap:g}"
+    if 0 < cap < train_s + took:
+        msg += f": OVERRAN the budget by {train_s + took - cap:.1f}s (raise GPTQ_RESERVE_SECONDS)"
     log(msg)
     return hessians
 
@@ -1356,7 +1376,7 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
             log(f"ranks_in_sync:{int(torch.equal(lo, hi))}")
     set_qat(qat_layers, None)
-    hessians = calibrate(parts, hp, quant, world, elapsed_ms / 1000, log) if quant.needs_hessians else {}
+    hessians = calibrate(parts, hp, quant, world, elapsed_ms / 1000, log) if isinstance(quant, GPTQ) else {}
     return parts.model, hessians
 
 
@@ -1432,9 +1452,7 @@ def gptq_rows(w: Tensor, hessian: Tensor, scale: Tensor, bits: int, damp: float,
     else:
         raise ArtifactError("GPTQ: the Hessian is not positive definite even with 10,000x damping")
     U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    s = scale.float()
-    Q = torch.empty_like(W)
-    n = W.size(1)
+    s, Q, n = scale.float(), torch.empty_like(W), W.size(1)
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         Wb, Ub, errs = W[:, b0:b1], U[b0:b1, b0:b1], torch.empty_like(W[:, b0:b1])
@@ -1466,11 +1484,11 @@ class Quantizer:
     clip_mode: str = "search"
     sdclip_k: float = 12.85
     sdclip_k_embed: float = 14.0
-    needs_hessians: typing.ClassVar[bool] = False
+    bits_by_name: dict = dataclasses.field(default_factory=dict, compare=False)  # mixed precision: name -> bits
 
     @classmethod
     def from_hp(cls, hp: Hyperparameters) -> "Quantizer":
-        return cls(hp.quant_bits, hp.embed_quant_bits, hp.percentiles, hp.quant_clip_floor, hp.quant_min_numel,
+        return cls(hp.block_bits, hp.embed_quant_bits, hp.percentiles, hp.quant_clip_floor, hp.quant_min_numel,
                    clip_mode=hp.clip_mode, sdclip_k=hp.sdclip_k, sdclip_k_embed=hp.sdclip_k_embed)
 
     def kind(self, name: str, t: Tensor) -> str:
@@ -1480,8 +1498,8 @@ class Quantizer:
             return "int_embed" if name.endswith(("emb.weight", "embed.weight")) else "int"
         return "fp32" if t.ndim < 2 or name.endswith(("resid_mix", "skip_weights", "skip_gates")) else "fp16"
 
-    def bits_of(self, kind: str) -> int:
-        return self.bits if kind == "int" else self.embed_bits
+    def bits_of(self, name: str, kind: str) -> int:
+        return self.bits_by_name.get(name, self.bits if kind == "int" else self.embed_bits)
 
     def row_scales(self, w: Tensor, bits: int, embed: bool = False) -> Tensor:
         """fp16 row scales of a 2-D tensor."""
@@ -1496,8 +1514,7 @@ class Quantizer:
 
     def fake_quantize(self, w: Tensor) -> Tensor:
         """A block matrix as the export's row quantiser stores it."""
-        scale = self.row_scales(w, self.bits)
-        return dequantize_rows(round_rows(w, scale, 2 ** (self.bits - 1) - 1), scale).to(w.dtype)
+        return dequantize_rows(*Quantizer.quantize(self, "", w, self.bits)).to(w.dtype)
 
     def qat_weight(self, w: Tensor) -> Tensor:
         """A block matrix in late QAT's forward: the exported value with a straight-through gradient, or with
@@ -1506,9 +1523,6 @@ class Quantizer:
             return w + (self.fake_quantize(w) - w).detach()
         scale = self.row_scales(w.detach(), self.bits)
         return soft_round(w, scale.float(), 2 ** (self.bits - 1) - 1, self.sharpness).to(w.dtype)
-
-    def with_floor(self, clip_floor: float) -> "Quantizer":
-        return dataclasses.replace(self, clip_floor=clip_floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1519,7 +1533,7 @@ class GPTQ(Quantizer):
     hessians: dict = dataclasses.field(default_factory=dict, compare=False)
     damp: float = 0.01
     block: int = 128
-    needs_hessians: typing.ClassVar[bool] = True
+    memo: dict = dataclasses.field(default_factory=dict, compare=False)  # (name, bits, clip) -> result, for mixed bits
 
     @classmethod
     def from_hp(cls, hp: Hyperparameters) -> "GPTQ":
@@ -1528,8 +1542,46 @@ class GPTQ(Quantizer):
     def quantize(self, name: str, w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         if name not in self.hessians:
             return super().quantize(name, w, bits)
-        scale = self.row_scales(w, bits, embed=self.kind(name, w) == "int_embed")
-        return gptq_rows(w, self.hessians[name], scale, bits, self.damp, self.block), scale
+        key = (name, bits, self.clip_mode, self.clip_floor)
+        if key not in self.memo:
+            scale = self.row_scales(w, bits, embed=self.kind(name, w) == "int_embed")
+            self.memo[key] = gptq_rows(w, self.hessians[name], scale, bits, self.damp, self.block), scale
+        return self.memo[key]
+
+
+def entropy_bytes(q: Tensor) -> float:
+    """The order-0 entropy of a tensor's integers, in bytes: about what the compressor needs for them."""
+    counts = torch.bincount(q.flatten().long() + 128, minlength=256).double()
+    p = counts[counts > 0] / q.numel()
+    return float(-(p * p.log2()).sum()) * q.numel() / 8
+
+
+def output_error(w: Tensor, q: Tensor, scale: Tensor, hessian: Tensor | None) -> float:
+    """tr((W - Q) H (W - Q)^T): the squared error quantisation adds to the layer's outputs over the calibration
+    tokens (|W - Q|^2 without a Hessian)."""
+    d = w.float() - dequantize_rows(q, scale)
+    return float(((d @ hessian.float()) * d).sum()) if hessian is not None else float(d.square().sum())
+
+
+def allocate_bits(state: dict[str, Tensor], quant: Quantizer, widths: tuple[int, ...], budget: float) -> dict[str, int]:
+    """QUANT_BITS=mixed: every block matrix at widths[0]; then, while the added bytes (estimated by the entropy
+    of the values plus fp16 scales) stay within `budget`, promote to its next width the matrix whose output error
+    falls most per added byte."""
+    names = [n for n, t in state.items() if quant.kind(n, t) == "int"]
+    cost, err = {}, {}
+    for n, b in itertools.product(names, widths):
+        q, scale = quant.quantize(n, state[n], b)
+        cost[n, b] = entropy_bytes(q) + 2 * scale.numel()
+        err[n, b] = output_error(state[n], q, scale, getattr(quant, "hessians", {}).get(n))
+    bits, spent = {n: widths[0] for n in names}, 0.0
+    while True:
+        steps = [((err[n, bits[n]] - err[n, b]) / max(cost[n, b] - cost[n, bits[n]], 1.0), n, b)
+                 for n in names for b in widths[widths.index(bits[n]) + 1:][:1]
+                 if spent + cost[n, b] - cost[n, bits[n]] <= budget]
+        if not steps:
+            return bits
+        _, n, b = max(steps)
+        spent, bits[n] = spent + cost[n, b] - cost[n, bits[n]], b
 
 
 QUANTIZERS = {"gptq_lite": Quantizer, "gptq": GPTQ}
@@ -1564,23 +1616,15 @@ def decompress(blob: bytes, codec: str) -> bytes:
     return brotli.decompress(blob)
 
 
-def shuffle_bytes(raw: bytes, stride: int) -> bytes:
-    """Byte k of every `stride`-byte group first, then byte k+1, ...: neighbouring values' high and low bytes
-    (or, for int8 values, alternate columns) end up in separate runs, which the compressor models better. The
-    last len % stride bytes stay at the end."""
+def shuffle_bytes(raw: bytes, stride: int, inverse: bool = False) -> bytes:
+    """Byte 0 of every `stride`-byte group first, then byte 1, ...: neighbouring values' high and low bytes (or,
+    for int8 values, alternate columns) end up in separate runs, which the compressor models better. The last
+    len % stride bytes stay at the end. `inverse` undoes it."""
     if stride <= 1:
         return raw
     a = np.frombuffer(raw, dtype=np.uint8)
     n = len(a) - len(a) % stride
-    return a[:n].reshape(-1, stride).T.tobytes() + a[n:].tobytes()
-
-
-def unshuffle_bytes(raw: bytes, stride: int) -> bytes:
-    if stride <= 1:
-        return raw
-    a = np.frombuffer(raw, dtype=np.uint8)
-    n = len(a) - len(a) % stride
-    return a[:n].reshape(stride, -1).T.tobytes() + a[n:].tobytes()
+    return a[:n].reshape((stride, -1) if inverse else (-1, stride)).T.tobytes() + a[n:].tobytes()
 
 
 def pack_state(state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer) -> bytes:
@@ -1597,7 +1641,7 @@ def pack_state(state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer) 
     for name, t in state.items():
         kind = quant.kind(name, t)
         if kind.startswith("int"):
-            bits = quant.bits_of(kind)
+            bits = quant.bits_of(name, kind)
             q, scale = quant.quantize(name, t, bits)
             add(name, f"int{bits}", q)
             add(name + ".scale", "scale", scale)
@@ -1633,34 +1677,53 @@ def unpack_state(raw: bytes) -> tuple[dict, dict[str, Tensor]]:
     return config, state
 
 
-def write_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer) -> int:
+def write_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer, log=None) -> int:
     """MAGIC, one byte (codec | byte-shuffle stride << 4), the compressed (shuffled) pack_state payload."""
+    t0 = time.perf_counter()
     raw = shuffle_bytes(pack_state(state, hp, quant), hp.byte_shuffle)
     blob = ARTIFACT_MAGIC + bytes([CODECS[hp.compressor] | hp.byte_shuffle << 4]) + compress(raw, hp.compressor)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with open(path + ".tmp", "wb") as f:
         f.write(blob)
-    os.replace(tmp, path)  # never leave a half-written artifact
+    os.replace(path + ".tmp", path)  # never leave a half-written artifact
+    if log:
+        log(f"artifact:{path} {len(blob)} bytes ({hp.compressor}) clip_floor:{quant.clip_floor:.4f} "
+            f"export_time:{time.perf_counter() - t0:.1f}s")
     return len(blob)
+
+
+def fit_mixed_bits(path: str, state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer, code_bytes: int,
+                   log) -> tuple[Quantizer, int]:
+    """QUANT_BITS=mixed: write the artifact with every block matrix at the lowest width, spend the bytes left to
+    SIZE_TARGET on `allocate_bits`'s promotions, and write that. Returns the quantiser and the artifact's bytes."""
+    base = write_artifact(path, state, hp, quant, log)
+    bits = allocate_bits(state, quant, hp.widths, hp.size_target - code_bytes - base)
+    quant = dataclasses.replace(quant, bits_by_name=bits)
+    nbytes = write_artifact(path, state, hp, quant, log)
+    counts = collections.Counter(bits.values())
+    log(f"mixed_bits: {', '.join(f'int{b} x{counts[b]}' for b in sorted(counts))}: {nbytes - base:+,} bytes over "
+        f"all int{hp.widths[0]}, code + artifact {code_bytes + nbytes:,} (SIZE_TARGET {hp.size_target:,})")
+    log("mixed_bits_by_matrix: " + " ".join(f"{n}:{b}" for n, b in bits.items()))
+    return quant, nbytes
 
 
 def export_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, code_bytes: int, log,
                     hessians: dict[str, Tensor] | None = None) -> int:
-    """Write the artifact; with SIZE_FIT, raise the clip floor by 10% until code + artifact fit SIZE_LIMIT."""
+    """Write the artifact (QUANT_BITS=mixed: `fit_mixed_bits`); with SIZE_FIT, raise the clip floor by 10% until
+    code + artifact fit SIZE_LIMIT."""
     quant = QUANTIZERS[hp.quantizer].from_hp(hp)
     if hessians:
         quant = dataclasses.replace(quant, hessians={k: v.cpu() for k, v in hessians.items()})
-    while True:
-        t0 = time.perf_counter()
-        nbytes = write_artifact(path, state, hp, quant)
-        log(f"artifact:{path} {nbytes} bytes ({hp.compressor}) clip_floor:{quant.clip_floor:.4f} "
-            f"export_time:{time.perf_counter() - t0:.1f}s")
-        if nbytes + code_bytes <= hp.size_limit or not hp.size_fit:
-            return nbytes
-        quant = quant.with_floor(quant.clip_floor * 1.1)
+    if hp.quant_bits == "mixed":
+        quant, nbytes = fit_mixed_bits(path, state, hp, quant, code_bytes, log)
+    else:
+        nbytes = write_artifact(path, state, hp, quant, log)
+    while hp.size_fit and nbytes + code_bytes > hp.size_limit:
+        quant = dataclasses.replace(quant, clip_floor=quant.clip_floor * 1.1)
         log(f"size_fit: {nbytes + code_bytes} bytes is over {hp.size_limit}; retrying with clip_floor "
             f"{quant.clip_floor:.4f} (training used {hp.quant_clip_floor:.4f})")
+        nbytes = write_artifact(path, state, hp, quant, log)
+    return nbytes
 
 
 def read_payload(path: str) -> bytes:
@@ -1676,7 +1739,7 @@ def read_payload(path: str) -> bytes:
         raw = decompress(blob[5:], codec)
     except Exception as e:  # each codec raises its own error type for truncated input
         raise ArtifactError(f"{path}: cannot decompress ({codec}): truncated or corrupt artifact ({e})") from None
-    return unshuffle_bytes(raw, stride)
+    return shuffle_bytes(raw, stride, inverse=True)
 
 
 def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
@@ -1847,6 +1910,18 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def counted_code(source: bytes) -> bytes:
+    """The bytes a record counts for this script: its packed form by tools/pack.py (what make_record ships). A
+    script without tools/ beside it (a record folder's, packed already) counts its own bytes."""
+    packer = Path(__file__).resolve().parent / "tools" / "pack.py"
+    if not packer.is_file():
+        return source
+    spec = importlib.util.spec_from_file_location("pack", packer)
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    return pack.counted(source)
+
+
 def select_kernels(hp: Hyperparameters, device: torch.device, world: int, log) -> tuple[Hyperparameters, str]:
     """The start-up kernel choices at the training shapes: (hp with MLP_KERNEL resolved, the attention impl)."""
     micro_batch = max(1, hp.train_batch_tokens // (world * grad_accum_steps(hp, world) * hp.train_seq_len))
@@ -1859,8 +1934,10 @@ def run(hp: Hyperparameters, rank: int, world: int, device: torch.device, log):
     log(f"command: {' '.join(sys.argv)}")
     log("hyperparameters: " + json.dumps(dataclasses.asdict(hp), sort_keys=True))
     log(f"torch:{torch.__version__} device:{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
-    code = Path(__file__).read_bytes()
-    log(f"code: {Path(__file__).name} {len(code)} bytes sha256:{hashlib.sha256(code).hexdigest()}")
+    source = Path(__file__).read_bytes()
+    code = counted_code(source)
+    log(f"code: {Path(__file__).name} {len(code)} bytes sha256:{hashlib.sha256(code).hexdigest()} (packed; "
+        f"{'as run' if code == source else f'readable {len(source)} bytes sha256:{hashlib.sha256(source).hexdigest()}'})")
     torch.manual_seed(hp.seed)
     np.random.seed(hp.seed)
     if device.type == "cuda":

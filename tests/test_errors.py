@@ -103,11 +103,15 @@ def test_build_shards_bad_input_leaves_nothing(tmp_path, tokenizer):
 def test_tools_bad_input(tmp_path, dataset, tokenizer):
     tools = ROOT / "tools"
     (tmp_path / "bad.ptz").write_bytes(b"nonsense")
+    (tmp_path / "bad.py").write_text("def (:\n")
     (tmp_path / "run.txt").write_text("step:1/10 train_loss:5.0 train_time:0.1s step_avg:1.00ms tok/s:1 lr_scale:1 eta:1s\n")
     py = sys.executable
     for args, message in [([py, tools / "logs.py", "summary", "missing.txt"], "No such file"),
                           ([py, tools / "logs.py"], "usage"),
                           ([py, tools / "recompress.py", "bad.ptz"], "not a train_gpt.py artifact"),
+                          ([py, tools / "recompress.py", "bad.ptz", "--shuffle", "0,x"], "--shuffle takes"),
+                          ([py, tools / "pack.py", "missing.py", "out.py"], "No such file"),
+                          ([py, tools / "pack.py", "bad.py", "out.py"], "not Python source"),
                           ([py, tools / "plot_logs.py", "missing.txt"], "No such file"),
                           ([py, tools / "make_record.py", "run.txt", "--name", "x", "--author", "a", "--github-id", "g"],
                            "not a finished run"),

@@ -161,3 +161,54 @@ def test_gptq_run_stops_early_for_its_calibration_and_says_when_it_overran(tmp_p
     r = run_train(tmp_path, dataset, tokenizer, GPTQ_RESERVE_SECONDS=0, RUN_ID="u", **common)
     assert r.returncode == 0, failure_tail(r)
     assert "OVERRAN the budget" in next(x for x in r.stdout.splitlines() if x.startswith("gptq_calibration:"))
+
+
+def test_entropy_bytes_is_the_order0_entropy():
+    q = torch.tensor([-2, -1, 0, 1] * 250, dtype=torch.int8)
+    assert tg.entropy_bytes(q) == pytest.approx(1000 * 2 / 8)
+    assert tg.entropy_bytes(torch.zeros(100, dtype=torch.int8)) == 0
+
+
+def test_allocation_promotes_the_largest_error_drop_per_byte_first():
+    """Three matrices, one of them on inputs 100x larger: with room for one promotion that one gets it; with no
+    room all stay at the lowest width, with unlimited room all reach the highest."""
+    g = torch.Generator().manual_seed(0)
+    state = {f"m{i}.weight": torch.randn(32, 48, generator=g) * 0.05 for i in range(3)}
+    x = torch.randn(200, 48, generator=g)
+    hessians = {n: x.T @ x * (100.0 if n == "m1.weight" else 1.0) for n in state}
+    quant = tg.GPTQ(6, 8, (1.0,), 0.0, 0, hessians=hessians)
+
+    def cost(n, b):  # entropy of the values (numpy's count) + fp16 scales
+        import numpy as np
+        q, s = quant.quantize(n, state[n], b)
+        _, counts = np.unique(q.numpy(), return_counts=True)
+        p = counts / counts.sum()
+        return float(-(p * np.log2(p)).sum()) * q.numel() / 8 + 2 * s.numel()
+    assert set(tg.allocate_bits(state, quant, (5, 6, 7), 0.0).values()) == {5}
+    one = cost("m1.weight", 6) - cost("m1.weight", 5) + 0.5
+    assert tg.allocate_bits(state, quant, (5, 6, 7), one) == {"m0.weight": 5, "m1.weight": 6, "m2.weight": 5}
+    assert set(tg.allocate_bits(state, quant, (5, 6, 7), 1e12).values()) == {7}
+
+
+def test_mixed_export_reaches_the_target_with_the_widths_it_logs(tmp_path):
+    """fit_mixed_bits on the tiny model: with a target between the all-int5 and all-int7 sizes it writes an
+    artifact of mixed widths near the target (the entropy estimate is within 2% of zstd's bytes), whose stored
+    kinds are the widths it logged."""
+    from test_export import trained_like_state
+    hp = tiny_hp(quantizer="gptq", quant_bits="mixed", compressor="zstd", quant_clip_floor=0)
+    _, state = trained_like_state(hp)
+    g, base = torch.Generator().manual_seed(1), tg.QUANTIZERS["gptq"].from_hp(hp)
+    inputs = {n: torch.randn(300, t.size(1), generator=g) for n, t in state.items() if base.kind(n, t) == "int"}
+    quant = tg.dataclasses.replace(base, hessians={n: x.T @ x for n, x in inputs.items()})
+    sizes = {b: tg.write_artifact(str(tmp_path / f"all{b}"), state, hp, tg.dataclasses.replace(quant, bits=b)) for b in (5, 7)}
+    target = (sizes[5] + sizes[7]) // 2
+    lines = []
+    q, nbytes = tg.fit_mixed_bits(str(tmp_path / "m"), state, tg.dataclasses.replace(hp, size_target=target), quant, 0,
+                                  lines.append)
+    assert sizes[5] < nbytes == (tmp_path / "m").stat().st_size <= target * 1.02
+    assert len(set(q.bits_by_name.values())) > 1
+    logged = dict(x.split(":") for x in lines[-1].removeprefix("mixed_bits_by_matrix: ").split())
+    raw = tg.read_payload(str(tmp_path / "m"))
+    header = tg.json.loads(raw[4:4 + int.from_bytes(raw[:4], "little")])
+    stored = {name: kind for name, kind, *_ in header["tensors"] if name in logged}
+    assert stored == {n: f"int{b}" for n, b in logged.items()} and set(logged) == set(quant.hessians)

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, assert_one_error, failure_tail, run_train, train_env
+import pack
 from logs import parse_log
 
 
@@ -31,7 +32,7 @@ def test_loss_falls_and_every_final_line_is_there(trained):
     for key in ("pre_quant_bpb", "roundtrip_bpb", "sliding_bpb", "total_bytes"):
         assert key in log, key
     assert "late_qat:on" in r.stdout and "qat_check: compiled loss" in r.stdout
-    code = (ROOT / "train_gpt.py").read_bytes()
+    code = pack.counted((ROOT / "train_gpt.py").read_bytes())  # the packed form counts (tools/pack.py)
     assert log["total_bytes"] == (d / "logs" / "t.int6.ptz").stat().st_size + len(code)
     assert (log["code_bytes"], log["code_sha256"]) == (len(code), hashlib.sha256(code).hexdigest())
 
@@ -110,3 +111,52 @@ def test_quickstart_runs_the_whole_job_on_the_cpu(tmp_path):
     curve = log["train_curve"]
     assert log["steps"] == 60 and curve[-1][2] < curve[0][2] - 1.0 and math.isfinite(log["sliding_bpb"])
     assert time.time() - t0 < 60
+
+
+def test_packed_script_runs_like_the_readable_one(tmp_path, dataset, tokenizer):
+    """The counted form (tools/pack.py: comments and docstrings stripped, lzma, base85, a two-line loader)
+    trains the same tiny model to the same losses and the same artifact bytes, and both runs count the packed
+    size as their code bytes."""
+    import ast
+    import subprocess
+    import sys
+    from conftest import ROOT, failure_tail, train_env
+    from logs import parse_log
+    source = (ROOT / "train_gpt.py").read_text()
+    packed = pack.pack_source(source)
+    assert packed.startswith(pack.PACKED_PREFIX) and packed.count(b"\n") == 2 and len(packed) < len(source) // 3
+
+    def without_docstrings(src):  # the AST with every docstring and `pass` dropped
+        tree = ast.parse(src)
+        for node in ast.walk(tree):
+            if isinstance(getattr(node, "body", None), list):
+                node.body = [n for n in node.body if not isinstance(n, ast.Pass) and not (
+                    isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str))]
+        return ast.dump(tree)
+    assert without_docstrings(pack.strip_source(source)) == without_docstrings(source)
+
+    logs = {}
+    for name, script in (("readable", ROOT / "train_gpt.py"), ("packed", tmp_path / "p" / "train_gpt.py")):
+        (tmp_path / name).mkdir()
+        if name == "packed":
+            script.parent.mkdir()
+            script.write_bytes(packed)
+        r = subprocess.run([sys.executable, str(script)], cwd=tmp_path / name, capture_output=True, text=True,
+                           env=train_env(dataset, tokenizer, ITERATIONS=12, COMPRESSOR="zstd"), timeout=600)
+        assert r.returncode == 0, failure_tail(r)
+        logs[name] = parse_log(str(tmp_path / name / "logs" / "t.txt"))
+    curves = [[(step, loss) for step, _, loss in logs[k]["train_curve"]] for k in ("packed", "readable")]
+    assert curves[0] == curves[1] and len(curves[0]) > 2
+    assert logs["packed"]["code_bytes"] == logs["readable"]["code_bytes"] == len(packed)
+    assert (tmp_path / "packed" / "logs" / "t.int6.ptz").read_bytes() == (tmp_path / "readable" / "logs" / "t.int6.ptz").read_bytes()
+
+
+def test_strip_source_keeps_string_literals_whole():
+    """Blank lines and trailing spaces inside a multi-line string survive, also after a multi-line docstring
+    (which shifts every later row when it becomes `pass`)."""
+    src = 'def f():\n    """doc\n\n    more"""\n    x = """a\n\n  b  \n"""  # c\n\n    return x\n\n\nprint(f())\n'
+    out = pack.strip_source(src)
+    assert "#" not in out and "doc" not in out and "\n\n\n" not in out.replace('"""a\n\n  b  \n"""', "")
+    scope = {}
+    exec(out, scope)
+    assert scope["f"]() == "a\n\n  b  \n"

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import make_record
+import pack
 import plot_logs
 from cli import UsageError
 from conftest import ROOT, assert_one_error, failure_tail, train_env
@@ -83,6 +84,17 @@ def test_record_folder_and_statistics(tmp_path):
     assert [p.name for p in (tmp_path / "records").iterdir()] == [folder.name]  # no temporary folder left
     with pytest.raises(UsageError, match="exists already"):
         record(tmp_path, logs)
+
+
+def test_record_ships_the_packed_script_the_runs_counted(tmp_path):
+    """Runs log the packed form of a readable script; the folder gets that packed form, which runs."""
+    readable = b'"""doc"""\nimport sys  # a comment\n\n\ndef f():\n    """doc"""\n    print("packed ran", sys.argv[1:])\n\n\nf()\n'
+    packed = pack.pack_source(readable.decode())
+    logs = [fake_log(tmp_path / f"{s}.txt", s, 2.39, script=packed) for s in (1, 2)]
+    folder, _ = record(tmp_path, logs, script=readable)
+    assert (folder / "train_gpt.py").read_bytes() == packed
+    r = subprocess.run([sys.executable, str(folder / "train_gpt.py"), "x"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "packed ran ['x']\n", r.stderr
 
 
 def test_record_refuses_a_script_that_did_not_run(tmp_path):

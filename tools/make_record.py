@@ -5,8 +5,9 @@
 
 The score of a run is its final_int6_sliding_window_exact line. With several seeds it prints the mean, the
 std and a one-sided t-test of "mean val_loss < record_loss - 0.005 nats" (the challenge asks for p < 0.01).
-The folder gets the script that ran (--script, default this repo's train_gpt.py): its size and sha256 must be
-those every log recorded in its `code:` line. Each seed appears once; an existing folder is never overwritten.
+The folder gets the script that ran (--script, default this repo's train_gpt.py) in its counted, packed form
+(tools/pack.py; a script that is packed already, or older logs that counted the raw file, as it is): its
+size and sha256 must be those every log recorded in its `code:` line. Each seed appears once; an existing folder is never overwritten.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli import ArgParser, UsageError, run  # noqa: E402
+from pack import counted  # noqa: E402
 from logs import parse_log  # noqa: E402
 
 REQUIRED = ("sliding_loss", "sliding_bpb", "total_bytes", "hparams", "code_sha256")
@@ -57,14 +59,17 @@ def load_runs(paths: list[str]) -> list[dict]:
 
 
 def check_script(script: Path, runs: list[dict]) -> bytes:
-    """The script's bytes, if they are the code every run logged (size and sha256)."""
-    code = script.read_bytes()
-    digest = hashlib.sha256(code).hexdigest()
-    for r in runs:
-        if (r["code_bytes"], r["code_sha256"]) != (len(code), digest):
-            raise UsageError(f"{script} ({len(code)} bytes, sha256 {digest[:12]}) is not the code {r['path']} ran "
-                             f"({r['code_bytes']} bytes, sha256 {r['code_sha256'][:12]}): pass that script with --script")
-    return code
+    """The bytes the runs counted, packed from the script (or the script itself), if they are the code every run
+    logged (size and sha256)."""
+    raw = script.read_bytes()
+    logged = {(r["code_bytes"], r["code_sha256"]) for r in runs}
+    for code in (counted(raw), raw):
+        digest = hashlib.sha256(code).hexdigest()
+        if logged == {(len(code), digest)}:
+            return code
+    r = next(r for r in runs if (r["code_bytes"], r["code_sha256"]) != (len(code), digest))
+    raise UsageError(f"{script} (packed {len(counted(raw))} bytes) is not the code {r['path']} ran "
+                     f"({r['code_bytes']} bytes, sha256 {r['code_sha256'][:12]}): pass that script with --script")
 
 
 def build_record(runs, name, author, github_id, blurb, out_root: Path, date: str, record_loss=None,
