@@ -4,11 +4,15 @@
         --tokenizer data/tokenizers/fineweb_1024_bpe.model [--val-docs 50000] [--shard-tokens 100000000]
     python3 data/build_shards.py --input texts/ --out data/datasets/mine --train-tokenizer --vocab-size 1024
     python3 data/build_shards.py --input README.md --paragraphs --out /tmp/tiny --train-tokenizer --vocab-size 320 --val-docs 10
+    python3 data/build_shards.py --input docs.jsonl.xz --val-shard fineweb_val_000000.bin \
+        --val-tokenizer fineweb_1024_bpe.model --out proxy_sp8192 --train-tokenizer --vocab-size 8192
 
 Inputs: .jsonl / .jsonl.xz / .jsonl.gz files with a "text" field per line, text files (one document each, or
 one per blank-line-separated paragraph with --paragraphs), or folders of .jsonl* and .txt files. Every document
 becomes BOS + its tokens; the first --val-docs documents form the val split (as the challenge's val split is the
-first 50,000 docs), the rest train; a trained tokenizer sees the train documents only. A document never
+first 50,000 docs), the rest train; or, with --val-shard, the val split is that shard's documents decoded with
+--val-tokenizer (the same val text at another vocab: check it with data/check_bytes.py) and every input document
+is a train document. A trained tokenizer sees the train documents only. A document never
 straddles shards. The shards are written to OUT.partial and renamed to OUT when complete; OUT must not hold
 files already. Bad input: one `error:` line, exit code 2.
 """
@@ -89,6 +93,20 @@ def read_text(f: Path, paragraphs: bool):
     for part in re.split(r"\n\s*\n", text):
         if part.strip():
             yield part.strip()
+
+
+def read_documents(shard: str, tokenizer: str) -> list[str]:
+    """The texts of a shard's documents (each starts at BOS), decoded with its tokenizer."""
+    import sentencepiece as spm
+    check_tokenizer(tokenizer)
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    raw = Path(shard).read_bytes() if os.path.isfile(shard) else b""
+    header = np.frombuffer(raw[:min(len(raw), 4 * HEADER_INTS) // 4 * 4], dtype="<i4")
+    tokens = np.frombuffer(raw[4 * HEADER_INTS:len(raw) - len(raw) % 2], dtype="<u2")
+    if len(header) < 3 or header[0] != SHARD_MAGIC or header[2] != len(tokens) or not len(tokens) or tokens[0] != BOS_ID:
+        raise UsageError(f"--val-shard {shard}: not a challenge shard of BOS-separated documents")
+    starts = np.flatnonzero(tokens == BOS_ID)
+    return [sp.decode(tokens[s + 1:e].tolist()) for s, e in zip(starts, np.append(starts[1:], len(tokens)))]
 
 
 def train_tokenizer(docs: list[str], prefix: str, vocab_size: int) -> str:
@@ -184,7 +202,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train-tokenizer", action="store_true", help="train a BPE tokenizer on the train docs")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--paragraphs", action="store_true", help="text files: one document per paragraph")
-    ap.add_argument("--val-docs", type=int, default=50_000)
+    ap.add_argument("--val-docs", type=int, help="the first N input documents are val (default 50,000)")
+    ap.add_argument("--val-shard", help="val = this shard's documents, decoded with --val-tokenizer")
+    ap.add_argument("--val-tokenizer", help="the tokenizer of --val-shard")
     ap.add_argument("--shard-tokens", type=int, default=100_000_000)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     a = ap.parse_args(argv)
@@ -193,6 +213,10 @@ def main(argv=None) -> int:
     if a.train_tokenizer and not 262 <= a.vocab_size <= 1 << 16:
         ap.error(f"--vocab-size {a.vocab_size}: the tokenizer needs 4 special and 256 byte pieces plus merges "
                  "(at least 262), and shards hold uint16 ids (at most 65536)")
+    if bool(a.val_shard) != bool(a.val_tokenizer) or (a.val_shard and a.val_docs is not None):
+        ap.error("--val-shard needs --val-tokenizer, and takes the place of --val-docs")
+    if a.val_docs is None:
+        a.val_docs = 0 if a.val_shard else 50_000
     if a.val_docs < 0 or a.shard_tokens < 1 or a.workers < 1:
         ap.error("--val-docs must be >= 0, --shard-tokens and --workers >= 1")
     out = Path(a.out)
@@ -201,6 +225,9 @@ def main(argv=None) -> int:
     if a.tokenizer:
         check_tokenizer(a.tokenizer)
     docs = list(iter_documents(a.input, a.paragraphs))
+    if a.val_shard:
+        val = read_documents(a.val_shard, a.val_tokenizer)
+        docs, a.val_docs = val + docs, len(val)
     if len(docs) <= a.val_docs:
         raise UsageError(f"{len(docs)} documents: need more than --val-docs={a.val_docs} to leave a train split")
     partial = out.with_name(out.name + ".partial")

@@ -24,7 +24,6 @@ cd "$(dirname "$0")/.."
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 jobs=${JOBS:-$(( gpus > 0 ? gpus : 1 ))}
 [[ $jobs =~ ^[1-9][0-9]*$ ]] || fail "JOBS=$jobs is not a whole number >= 1"
-data=${PROXY_DATA_DIR:-/tmp/proxy_data}
 
 names=() settings=()
 while read -r name rest; do
@@ -49,7 +48,7 @@ if [ "$gpus" -gt 0 ] && [ "$jobs" -gt "$gpus" ]; then
   [ "${PROXY_SECONDS:-150}" = 0 ] || fail "JOBS=$jobs shares $gpus GPU(s) between runs: use fixed steps (PROXY_SECONDS=0 ITERATIONS=N)"
   echo "JOBS=$jobs on $gpus GPU(s): runs share GPUs, so their ms/step are not speed figures"
 fi
-bash eval/proxy_data.sh "$src" "$data"
+data=$(bash eval/proxy_data.sh "$src" ${PROXY_DATA_DIR:+"$PROXY_DATA_DIR"})
 mkdir -p logs
 
 declare -A slot_of=()

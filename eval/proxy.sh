@@ -12,11 +12,12 @@ fail() { echo "error: $*" >&2; exit 2; }
 [ $# -le 1 ] || fail "too many arguments (usage: bash eval/proxy.sh [SHARED_DATA_DIR])"
 src=${1:-../shared/data}
 nproc=${NPROC:-1}
-data=${PROXY_DATA_DIR:-/tmp/proxy_data}
 [[ $nproc =~ ^[1-9][0-9]*$ ]] || fail "NPROC=$nproc is not a whole number >= 1"
-bash eval/proxy_data.sh "$src" "$data"
+data=$(bash eval/proxy_data.sh "$src" ${PROXY_DATA_DIR:+"$PROXY_DATA_DIR"})
+tokenizer=$(ls "$src"/*.model)
 
-export DATA_PATH=$data TOKENIZER_PATH=$src/fineweb_1024_bpe.model
+export DATA_PATH=$data TOKENIZER_PATH=$tokenizer
+export VOCAB_SIZE=${VOCAB_SIZE:-$(python3 -c "import sentencepiece as s, sys; print(s.SentencePieceProcessor(model_file=sys.argv[1]).vocab_size())" "$tokenizer")}
 export TRAIN_BATCH_TOKENS=$((98304 * nproc)) GRAD_ACCUM_STEPS=${GRAD_ACCUM_STEPS:-1}
 export MAX_WALLCLOCK_SECONDS=${PROXY_SECONDS:-150} TRAIN_SEQ_LEN=2048
 export RUN_ID=${RUN_ID:-proxy_$(date +%Y%m%d_%H%M%S)}

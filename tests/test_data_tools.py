@@ -3,6 +3,7 @@ import json
 import lzma
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,16 @@ def test_manifest_plan_maps_paths_and_limits_train_shards(tmp_path):
         ("datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin", "datasets/fineweb10B_sp1024/fineweb_train_000001.bin", 11),
         ("datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin", "datasets/fineweb10B_sp1024/fineweb_val_000000.bin", 30),
         ("datasets/tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.model", 7)]
+
+
+def test_other_variants_get_their_own_shards_and_tokenizer(tmp_path):
+    """--variant sp4096: that variant's shards and the 4096 tokenizer only; a variant the manifest lacks is an error."""
+    hub = FakeHub()
+    files = ccf.fetch_all("sp4096", 80, tmp_path, download=hub, log=lambda m: None)
+    assert [str(f.relative_to(tmp_path)) for f in files] == ["datasets/fineweb10B_sp4096/fineweb_val_000000.bin",
+                                                             "tokenizers/fineweb_4096_bpe.model"]
+    with pytest.raises(ccf.DownloadError, match="no val shards for variant 'sp8192'"):
+        ccf.fetch_all("sp8192", 1, tmp_path, download=hub, log=lambda m: None)
 
 
 def test_fetch_skips_present_files_and_verifies_sizes(tmp_path):
@@ -118,6 +129,10 @@ def shared_data(tmp_path_factory, dataset, tokenizer) -> Path:
         (shared / "proxy_train" / f"proxy_train_{i:06d}.bin.xz").write_bytes(lzma.compress(src.read_bytes()))
     (shared / "fineweb_val_000000.bin").write_bytes((dataset / "fineweb_val_000000.bin").read_bytes())
     (shared / "fineweb_1024_bpe.model").write_bytes(open(tokenizer, "rb").read())
+    (shared / "proxy_docs").mkdir()
+    with lzma.open(shared / "proxy_docs" / "docs.jsonl.xz", "wt", encoding="utf-8") as f:
+        for d in make_docs(300, seed=9):
+            f.write(json.dumps({"text": d, "src": "gen"}) + "\n")
     return shared
 
 
@@ -138,6 +153,28 @@ def test_proxy_script_runs_and_summarises(tmp_path, shared_data, nproc):
     assert log["hparams"]["train_batch_tokens"] == 98304 * nproc and log["hparams"]["max_wallclock_seconds"] == 3
     for f in (ROOT / "logs").glob(f"proxy_test_{nproc}*"):
         f.unlink()
+
+
+def test_proxy_at_another_vocab(tmp_path, shared_data):
+    """eval/proxy_vocab.sh builds a proxy folder at vocab 400 (the val's bytes checked against the sp1024 val);
+    eval/proxy.sh trains and scores on it with VOCAB_SIZE taken from its tokenizer."""
+    out = tmp_path / "p400"
+    r = subprocess.run(["bash", str(ROOT / "eval" / "proxy_vocab.sh"), "400", str(shared_data), str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "equal:" in r.stdout, failure_tail(r)
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["fineweb_val_000000.bin", "proxy_400_bpe.model",
+                                                                    "proxy_train_000000.bin.xz"]
+    env = {k: v for k, v in proxy_env(tmp_path, RUN_ID="proxy_test_v400").items() if k not in ("VOCAB_SIZE", "PROXY_DATA_DIR")}
+    try:
+        r = subprocess.run(["bash", str(ROOT / "eval" / "proxy.sh"), str(out)], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, failure_tail(r)
+        log = parse_log(str(ROOT / "logs" / "proxy_test_v400.txt"))
+        assert log["hparams"]["vocab_size"] == 400 and log["hparams"]["data_path"] == "/tmp/proxy_data_proxy_400_bpe"
+        assert "sliding_bpb" in log
+    finally:
+        for f in (ROOT / "logs").glob("proxy_test_v400*"):
+            f.unlink()
 
 
 def test_ablation_plan_runs_each_line_once(tmp_path, shared_data):
@@ -161,3 +198,30 @@ def test_ablation_plan_runs_each_line_once(tmp_path, shared_data):
     finally:
         for f in (ROOT / "logs").glob("ablate_test_*"):
             f.unlink()
+
+
+def test_val_shard_at_another_vocab_counts_the_same_bytes(tmp_path, tokenizer):
+    """build_shards --val-shard re-encodes a shard's documents (decoded with its tokenizer) at another vocab, and
+    the tokenizer it trains never sees them; data/check_bytes.py finds the two byte counts equal, and names the
+    document and the difference when one document lost a token."""
+    val_docs = make_docs(12, seed=7) + ["Café  naïve — 3.14 × 2 = 6.28 😀 end", "  leading and trailing  "]
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    build_shards.write_split(build_shards.encode_documents(val_docs, tokenizer, workers=1), val_dir, "val", 1 << 30)
+    val_shard = str(val_dir / "fineweb_val_000000.bin")
+    (tmp_path / "train.txt").write_text("\n\n".join(make_docs(200, seed=8)))
+    out = tmp_path / "sp400"
+    rc = build_shards.main(["--input", str(tmp_path / "train.txt"), "--paragraphs", "--val-shard", val_shard,
+                            "--val-tokenizer", tokenizer, "--out", str(out), "--train-tokenizer", "--vocab-size", "400",
+                            "--workers", "1"])
+    assert rc == 0
+    new_tok, new_val = str(out / "tokenizer_400_bpe.model"), str(out / "fineweb_val_000000.bin")
+    assert (tg.read_shard(new_val) == 1).sum() == len(val_docs)
+    check = [sys.executable, str(ROOT / "data" / "check_bytes.py")]
+    r = subprocess.run([*check, tokenizer, val_shard, new_tok, new_val], capture_output=True, text=True)
+    assert r.returncode == 0 and "equal:" in r.stdout, r.stdout + r.stderr
+    tokens = tg.read_shard(new_val)
+    bos = np.flatnonzero(tokens == 1)
+    build_shards.write_shard(tmp_path / "cut.bin", np.delete(tokens, bos[3] + 2))  # document 3 loses a token
+    r = subprocess.run([*check, tokenizer, val_shard, new_tok, str(tmp_path / "cut.bin")], capture_output=True, text=True)
+    assert r.returncode == 1 and "over 1 of 14 documents" in r.stdout and "document 3:" in r.stdout, r.stdout + r.stderr

@@ -65,7 +65,9 @@ def test_eval_sh_bad_input(tmp_path, dataset, tokenizer):
 
 def test_proxy_and_quickstart_bad_input(tmp_path):
     proxy = ["bash", str(ROOT / "eval" / "proxy.sh")]
-    assert_one_error(run([*proxy, str(tmp_path / "none")], tmp_path), "fineweb_1024_bpe.model not found")
+    assert_one_error(run([*proxy, str(tmp_path / "none")], tmp_path), "fineweb_val_000000.bin not found")
+    assert_one_error(run(["bash", str(ROOT / "eval" / "proxy_vocab.sh"), "8192", str(tmp_path), "out"], tmp_path),
+                     "docs.jsonl.xz not found")
     assert_one_error(run(proxy, tmp_path, {**os.environ, "NPROC": "0"}), "NPROC=0 is not a whole number")
     assert_one_error(run(["bash", str(ROOT / "eval" / "quickstart.sh"), "missing.txt"], tmp_path), "input missing.txt not found")
     ablate = ["bash", str(ROOT / "eval" / "ablate.sh")]
@@ -92,7 +94,11 @@ def test_build_shards_bad_input_leaves_nothing(tmp_path, tokenizer):
                           (["--input", "docs.txt", "--tokenizer", tokenizer, "--paragraphs", "--val-docs", "3"],
                            "3 documents: need more than --val-docs=3"),
                           (["--input", "docs.txt", "--tokenizer", tokenizer, "--out", "full"], "--out full exists"),
-                          (["--input", "docs.txt"], "exactly one of --tokenizer MODEL and --train-tokenizer")]:
+                          (["--input", "docs.txt"], "exactly one of --tokenizer MODEL and --train-tokenizer"),
+                          (["--input", "docs.txt", "--tokenizer", tokenizer, "--val-shard", "docs.txt"],
+                           "--val-shard needs --val-tokenizer"),
+                          (["--input", "docs.txt", "--tokenizer", tokenizer, "--val-shard", "docs.txt",
+                            "--val-tokenizer", tokenizer], "--val-shard docs.txt: not a challenge shard")]:
         args = args if "--out" in args else [*args, "--out", "out"]
         assert_one_error(run([*tool, *args], tmp_path), message)
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
@@ -111,6 +117,9 @@ def test_tools_bad_input(tmp_path, dataset, tokenizer):
                           ([py, tools / "recompress.py", "bad.ptz"], "not a train_gpt.py artifact"),
                           ([py, tools / "recompress.py", "bad.ptz", "--shuffle", "0,x"], "--shuffle takes"),
                           ([py, tools / "pack.py", "missing.py", "out.py"], "No such file"),
+                          ([py, ROOT / "data" / "check_bytes.py", "a"], "usage"),
+                          ([py, ROOT / "data" / "check_bytes.py", "none.model", "x.bin", "none.model", "x.bin"],
+                           "none.model is not a SentencePiece model"),
                           ([py, tools / "pack.py", "bad.py", "out.py"], "not Python source"),
                           ([py, tools / "plot_logs.py", "missing.txt"], "No such file"),
                           ([py, tools / "make_record.py", "run.txt", "--name", "x", "--author", "a", "--github-id", "g"],
