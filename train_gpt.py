@@ -1262,7 +1262,7 @@ def collect_hessians(model: GPT, loader: TrainLoader, batches: int, quant: Quant
     sums: dict[str, Tensor] = {}
 
     def add(names: list[str], x: Tensor):
-        x = x.detach().reshape(-1, x.size(-1)).float()
+        x = x.detach().reshape(-1, x.size(-1)).double()  # float64: no TF32 in the Hessian
         for n in names:
             sums[n] = sums[n] + x.T @ x if n in sums else x.T @ x
 
@@ -1438,7 +1438,7 @@ def gptq_rows(w: Tensor, hessian: Tensor, scale: Tensor, bits: int, damp: float,
     uses the upper Cholesky factor U of H^-1: after column i, W[:, j] -= (w_i - q_i) / U[i, i] * U[i, j] for j > i,
     applied lazily a block of columns at a time."""
     qmax = 2 ** (bits - 1) - 1
-    W, H = w.float().clone(), hessian.float().clone()
+    W, H = w.double().clone(), hessian.double().clone()  # float64: no TF32 in the error feedback on a GPU
     dead = (H.diagonal() == 0).nonzero().squeeze(1)  # inputs that were always zero: their weights do not matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -1452,7 +1452,7 @@ def gptq_rows(w: Tensor, hessian: Tensor, scale: Tensor, bits: int, damp: float,
     else:
         raise ArtifactError("GPTQ: the Hessian is not positive definite even with 10,000x damping")
     U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    s, Q, n = scale.float(), torch.empty_like(W), W.size(1)
+    s, Q, n = scale.double(), torch.empty_like(W), W.size(1)
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         Wb, Ub, errs = W[:, b0:b1], U[b0:b1, b0:b1], torch.empty_like(W[:, b0:b1])
@@ -1559,8 +1559,8 @@ def entropy_bytes(q: Tensor) -> float:
 def output_error(w: Tensor, q: Tensor, scale: Tensor, hessian: Tensor | None) -> float:
     """tr((W - Q) H (W - Q)^T): the squared error quantisation adds to the layer's outputs over the calibration
     tokens (|W - Q|^2 without a Hessian)."""
-    d = w.float() - dequantize_rows(q, scale)
-    return float(((d @ hessian.float()) * d).sum()) if hessian is not None else float(d.square().sum())
+    d = w.double() - dequantize_rows(q, scale).double()
+    return float(((d @ hessian.double()) * d).sum()) if hessian is not None else float(d.square().sum())
 
 
 def allocate_bits(state: dict[str, Tensor], quant: Quantizer, widths: tuple[int, ...], budget: float) -> dict[str, int]:
@@ -1713,7 +1713,7 @@ def export_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, co
     code + artifact fit SIZE_LIMIT."""
     quant = QUANTIZERS[hp.quantizer].from_hp(hp)
     if hessians:
-        quant = dataclasses.replace(quant, hessians={k: v.cpu() for k, v in hessians.items()})
+        quant = dataclasses.replace(quant, hessians=hessians)
     if hp.quant_bits == "mixed":
         quant, nbytes = fit_mixed_bits(path, state, hp, quant, code_bytes, log)
     else:
@@ -1957,8 +1957,8 @@ def run(hp: Hyperparameters, rank: int, world: int, device: torch.device, log):
         model, hessians = train(hp, rank, world, device, attn_impl, log, ev)
         ev.score(model.state_dict(), "pre_quant_ema")
         if rank == 0:
-            export_artifact(artifact, {k: v.detach().cpu() for k, v in model.state_dict().items()}, hp, len(code), log,
-                            hessians)
+            export_artifact(artifact, {k: v.detach() for k, v in model.state_dict().items()}, hp, len(code), log,
+                            hessians)  # quantised where the weights are (the GPU); pack_state moves the results
         if world > 1:
             dist.barrier()
         total = os.path.getsize(artifact) + len(code)
