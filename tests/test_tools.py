@@ -45,7 +45,11 @@ def test_parse_log_and_summary(tmp_path):
     assert r["train_curve"][0] == (1, 0.1, 5.99) and r["val_curve"] == [(100, 1.7), (200, 1.6)]
     assert r["tokens_per_s"] == 1_092_267 and r["hparams"]["seed"] == 1337
     line = summary(r)
-    assert "steps:200 ms/step:90.0" in line and "sliding_bpb:1.4371" in line and "bytes:15000000" in line
+    assert "steps:200 ms/step:90.0" in line and "sliding_bpb:1.43713" in line and "bytes:15000000" in line
+    assert "calib_s" not in line
+    with open(r["path"], "a") as f:
+        f.write("gptq_calibration: 16 training batches, 67 Hessians in 1.3s; training 590.0s + calibration 1.3s\n")
+    assert summary(parse_log(r["path"])).endswith("calib_s:1.3")
 
 
 def test_plot_writes_a_png(tmp_path):

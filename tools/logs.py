@@ -22,6 +22,7 @@ _PATTERNS = {
     "export": rf"artifact:\S+ {_NUM} bytes \((\w+)\) clip_floor:{_NUM} export_time:{_NUM}s",
     "hparams": r"hyperparameters: (\{.*\})",
     "code": r"code: (\S+) (\d+) bytes sha256:([0-9a-f]{64})",
+    "calib": rf"gptq_calibration: {_NUM} training batches, {_NUM} Hessians in {_NUM}s",
 }
 _STEP = re.compile(rf"step:(\d+)/\d+ train_loss:{_NUM} train_time:{_NUM}s step_avg:{_NUM}ms tok/s:{_NUM}")
 _VAL = re.compile(rf"step:(\d+) val val_loss:{_NUM} val_bpb:{_NUM}")
@@ -48,6 +49,8 @@ def parse_log(path: str) -> dict:
             out["total_bytes"] = int(_f(g[0]))
         elif key == "code":
             out.update(code_name=g[0], code_bytes=int(g[1]), code_sha256=g[2])
+        elif key == "calib":
+            out["calib_s"] = _f(g[2])
         elif key == "export":
             out.update(artifact_bytes=int(_f(g[0])), compressor=g[1], clip_floor=_f(g[2]), export_s=_f(g[3]))
         else:
@@ -66,10 +69,10 @@ def summary(r: dict) -> str:
         return fmt.format(r[key]) if key in r else "n/a"
     eval_s = sum(r.get(k, 0.0) for k in ("roundtrip_eval_s", "sliding_eval_s"))
     return (f"steps:{g('steps')} ms/step:{g('ms_per_step', '{:.1f}')} tok/s:{g('tokens_per_s', '{:,.0f}')} "
-            f"pre_quant_bpb:{g('pre_quant_bpb', '{:.4f}')} "
-            f"roundtrip_bpb:{g('roundtrip_bpb', '{:.4f}')} sliding_bpb:{g('sliding_bpb', '{:.4f}')} "
+            f"pre_quant_bpb:{g('pre_quant_bpb', '{:.5f}')} "
+            f"roundtrip_bpb:{g('roundtrip_bpb', '{:.5f}')} sliding_bpb:{g('sliding_bpb', '{:.5f}')} "
             f"bytes:{g('total_bytes')} train_s:{g('train_s', '{:.0f}')} export_s:{g('export_s', '{:.1f}')} "
-            f"eval_s:{eval_s:.1f}")
+            f"eval_s:{eval_s:.1f}" + (f" calib_s:{r['calib_s']:.1f}" if "calib_s" in r else ""))
 
 
 def main(argv=None) -> int:
