@@ -177,6 +177,28 @@ def test_proxy_at_another_vocab(tmp_path, shared_data):
             f.unlink()
 
 
+def test_device_ablation_call_returns_its_logs_at_the_deadline(tmp_path, shared_data):
+    """eval/device_ablate.sh stops the plan at DEADLINE and still leaves $OUT/logs.tgz (the logs so far)."""
+    import tarfile
+    plan = tmp_path / "plan.txt"
+    plan.write_text("device_test_a SEED=3\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = proxy_env(tmp_path, OUT=str(out), DEADLINE="3", PROXY_SECONDS="30", WHEELS=str(tmp_path / "no_wheels"))
+    try:
+        r = subprocess.run(["bash", str(ROOT / "eval" / "device_ablate.sh"), str(plan), str(shared_data)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 124 and "the deadline stopped the plan" in r.stdout, failure_tail(r)
+        with tarfile.open(out / "logs.tgz") as tar:
+            assert all(n.startswith("logs/") for n in tar.getnames())
+    finally:
+        for f in (ROOT / "logs").glob("device_test_*"):
+            f.unlink()
+    r = subprocess.run(["bash", str(ROOT / "eval" / "device_ablate.sh"), str(plan)], env={**env, "OUT": ""},
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: OUT is not a folder")
+
+
 def test_ablation_plan_runs_each_line_once(tmp_path, shared_data):
     """eval/ablate.sh: every plan line RUNS names is a proxy run with its env on top, two at a time; a finished
     run is not run again; the summary comes in plan order."""
