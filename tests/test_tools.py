@@ -62,10 +62,11 @@ def test_plot_writes_a_png(tmp_path):
     assert plot_logs.val_points(parse_log(a)) == [(100, 9.0, 1.7), (200, 18.0, 1.6), (200, 18.0, pytest.approx(2.4 / 1.67))]
 
 
-def record(tmp_path, logs, name="Test", script=SCRIPT):
+def record(tmp_path, logs, name="Test", script=SCRIPT, tokenizer=None):
     (tmp_path / "train_gpt.py").write_bytes(script)
     return make_record.build_record(make_record.load_runs(logs), name, "A. Person", "aperson", "tiny",
-                                    tmp_path / "records", "2026-11-22", record_loss=2.40, script=tmp_path / "train_gpt.py")
+                                    tmp_path / "records", "2026-11-22", record_loss=2.40, script=tmp_path / "train_gpt.py",
+                                    tokenizer=tokenizer)
 
 
 def test_record_folder_and_statistics(tmp_path):
@@ -99,6 +100,20 @@ def test_record_ships_the_packed_script_the_runs_counted(tmp_path):
     assert (folder / "train_gpt.py").read_bytes() == packed
     r = subprocess.run([sys.executable, str(folder / "train_gpt.py"), "x"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "packed ran ['x']\n", r.stderr
+
+
+def test_a_shipped_tokenizer_is_copied_and_counted(tmp_path):
+    """--tokenizer: the model file goes into the folder and its bytes into bytes_total; over 16,000,000 is refused."""
+    tok = tmp_path / "proxy_8192_bpe.model"
+    tok.write_bytes(b"t" * 370_000)
+    logs = [fake_log(tmp_path / f"{s}.txt", s, 2.39, total=15_500_000) for s in (1, 2)]
+    folder, res = record(tmp_path, logs, tokenizer=tok)
+    assert (folder / tok.name).read_bytes() == tok.read_bytes()
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["bytes_total"] == 15_870_000 and sub["bytes_tokenizer"] == 370_000
+    big = [fake_log(tmp_path / f"b{s}.txt", s, 2.39, total=15_700_000) for s in (1, 2)]
+    with pytest.raises(UsageError, match="16,070,000 bytes .code \\+ model \\+ tokenizer., over the 16,000,000-byte limit"):
+        record(tmp_path, big, name="Big", tokenizer=tok)
 
 
 def test_record_refuses_a_script_that_did_not_run(tmp_path):

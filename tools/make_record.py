@@ -7,7 +7,9 @@ The score of a run is its final_int6_sliding_window_exact line. With several see
 std and a one-sided t-test of "mean val_loss < record_loss - 0.005 nats" (the challenge asks for p < 0.01).
 The folder gets the script that ran (--script, default this repo's train_gpt.py) in its counted, packed form
 (tools/pack.py; a script that is packed already, or older logs that counted the raw file, as it is): its
-size and sha256 must be those every log recorded in its `code:` line. Each seed appears once; an existing folder is never overwritten.
+size and sha256 must be those every log recorded in its `code:` line. A tokenizer that is not the challenge's
+(--tokenizer MODEL, e.g. one data/build_shards.py trained) ships in the folder too, and its bytes count: the
+folder is refused if code + model + tokenizer exceed 16,000,000 bytes. Each seed appears once; an existing folder is never overwritten.
 """
 from __future__ import annotations
 
@@ -72,13 +74,16 @@ def check_script(script: Path, runs: list[dict]) -> bytes:
                      f"({r['code_bytes']} bytes, sha256 {r['code_sha256'][:12]}): pass that script with --script")
 
 
+SIZE_LIMIT = 16_000_000
+
+
 def build_record(runs, name, author, github_id, blurb, out_root: Path, date: str, record_loss=None,
-                 script: Path = DEFAULT_SCRIPT) -> tuple[Path, dict]:
+                 script: Path = DEFAULT_SCRIPT, tokenizer: Path | None = None) -> tuple[Path, dict]:
     losses, bpbs = [r["sliding_loss"] for r in runs], [r["sliding_bpb"] for r in runs]
     summary = {
         "author": author, "github_id": github_id, "name": name, "blurb": blurb, "date": date,
         "val_loss": statistics.mean(losses), "val_bpb": statistics.mean(bpbs),
-        "bytes_total": max(r["total_bytes"] for r in runs),
+        "bytes_total": max(r["total_bytes"] for r in runs) + (tokenizer.stat().st_size if tokenizer else 0),
         "seeds": [r["hparams"]["seed"] for r in runs],
     }
     stats_lines = [f"val_bpb mean {summary['val_bpb']:.5f}", f"val_loss mean {summary['val_loss']:.5f}"]
@@ -90,6 +95,12 @@ def build_record(runs, name, author, github_id, blurb, out_root: Path, date: str
             summary.update(record_val_loss=record_loss, t_stat=t, p_value=p)
             stats_lines.append(f"gain test vs record val_loss {record_loss:.5f} - 0.005 nats: t={t:.3f}, one-sided "
                                f"p={p:.4g} ({'passes' if p < 0.01 else 'does not pass'} p < 0.01)")
+    if tokenizer:
+        summary["bytes_tokenizer"] = tokenizer.stat().st_size
+        stats_lines.append(f"bytes with the shipped tokenizer {tokenizer.name}: {summary['bytes_total']:,}")
+    if summary["bytes_total"] > SIZE_LIMIT:
+        raise UsageError(f"the submission is {summary['bytes_total']:,} bytes (code + model"
+                         f"{' + tokenizer' if tokenizer else ''}), over the {SIZE_LIMIT:,}-byte limit")
     folder = out_root / f"{date}_{name}"
     if folder.exists():
         raise UsageError(f"{folder} exists already: remove it or choose another --name")
@@ -98,6 +109,8 @@ def build_record(runs, name, author, github_id, blurb, out_root: Path, date: str
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=out_root))  # renamed into place when complete
     try:
         write_folder(tmp, runs, summary, stats_lines, code)
+        if tokenizer:
+            shutil.copy(tokenizer, tmp / tokenizer.name)
         tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,11 +148,14 @@ def main(argv=None) -> int:
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "records"))
     ap.add_argument("--script", default=str(DEFAULT_SCRIPT), help="the train_gpt.py the runs ran")
+    ap.add_argument("--tokenizer", help="a tokenizer the record ships (not the challenge's): its bytes count")
     a = ap.parse_args(argv)
     if not re.fullmatch(r"[\w.-]+", a.name):
         ap.error(f"--name {a.name!r} becomes a folder name: use letters, digits, '_', '.', '-'")
+    if a.tokenizer and not Path(a.tokenizer).is_file():
+        raise UsageError(f"--tokenizer {a.tokenizer} not found")
     folder, result = build_record(load_runs(a.logs), a.name, a.author, a.github_id, a.blurb, Path(a.out), a.date,
-                                  a.record_loss, Path(a.script))
+                                  a.record_loss, Path(a.script), Path(a.tokenizer) if a.tokenizer else None)
     print("\n".join(result["lines"]))
     print(f"wrote {folder}")
     return 0
