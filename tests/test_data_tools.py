@@ -247,3 +247,21 @@ def test_val_shard_at_another_vocab_counts_the_same_bytes(tmp_path, tokenizer):
     build_shards.write_shard(tmp_path / "cut.bin", np.delete(tokens, bos[3] + 2))  # document 3 loses a token
     r = subprocess.run([*check, tokenizer, val_shard, new_tok, str(tmp_path / "cut.bin")], capture_output=True, text=True)
     assert r.returncode == 1 and "over 1 of 14 documents" in r.stdout and "document 3:" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("plan", sorted((ROOT / "eval" / "plans").glob("*.txt")), ids=lambda p: p.name)
+def test_every_plan_names_real_settings(plan):
+    """Each run of a shipped plan has a unique name and sets only train_gpt.py settings (or PROXY_SECONDS), each
+    with a value train_gpt.py accepts, so a typo fails here rather than after a device call."""
+    names = []
+    for line in plan.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, *settings = line.split()
+        names.append(name)
+        env = dict(kv.split("=", 1) for kv in settings)
+        env.pop("PROXY_SECONDS", None)
+        tg.Hyperparameters.from_env({**TINY_ENV, "NUM_LAYERS": "11", **env})  # a ConfigError names the bad one
+        unknown = set(env) - {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}
+        assert not unknown, f"{plan.name}: {name} sets {unknown}"
+    assert names and len(names) == len(set(names))
