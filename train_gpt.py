@@ -1263,8 +1263,9 @@ def collect_hessians(model: GPT, loader: TrainLoader, batches: int, quant: Quant
 
     def add(names: list[str], x: Tensor):
         x = x.detach().reshape(-1, x.size(-1)).double()  # float64: no TF32 in the Hessian
+        gram = x.T @ x  # once for q, k and v, which share their input
         for n in names:
-            sums[n] = sums[n] + x.T @ x if n in sums else x.T @ x
+            sums[n] = sums[n] + gram if n in sums else gram.clone()
 
     hooks = []
     for name, m in model.named_modules():
@@ -1288,8 +1289,7 @@ def collect_hessians(model: GPT, loader: TrainLoader, batches: int, quant: Quant
             h.remove()
         for m in fused:
             m.fused = True
-    state = model.state_dict()
-    hessians = {n: h for n, h in sorted(sums.items()) if quant.kind(n, state[n]).startswith("int")}
+    hessians = {n: h for n, h in sorted(sums.items()) if quant.kind(n, model.get_parameter(n)).startswith("int")}
     if world > 1:
         for h in hessians.values():
             dist.all_reduce(h)
@@ -1501,27 +1501,27 @@ class Quantizer:
     def bits_of(self, name: str, kind: str) -> int:
         return self.bits_by_name.get(name, self.bits if kind == "int" else self.embed_bits)
 
-    def row_scales(self, w: Tensor, bits: int, embed: bool = False) -> Tensor:
-        """fp16 row scales of a 2-D tensor."""
-        if self.clip_mode == "sdclip":
-            return sdclip_scales(w, bits, self.sdclip_k_embed if embed else self.sdclip_k, self.clip_floor)
-        return quantize_rows(w, bits, self.percentiles, self.clip_floor)[1]
+    def round_to_rows(self, w: Tensor, bits: int, embed: bool = False) -> tuple[Tensor, Tensor]:
+        """(int8 values, fp16 row scales) of a 2-D tensor: CLIP_MODE's scales, values rounded to the nearest step."""
+        if self.clip_mode == "search":
+            return quantize_rows(w, bits, self.percentiles, self.clip_floor)
+        scale = sdclip_scales(w, bits, self.sdclip_k_embed if embed else self.sdclip_k, self.clip_floor)
+        return round_rows(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale
 
     def quantize(self, name: str, w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         """(int8 values, fp16 row scales) of a 2-D tensor."""
-        scale = self.row_scales(w, bits, embed=self.kind(name, w) == "int_embed")
-        return round_rows(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale
+        return self.round_to_rows(w, bits, embed=self.kind(name, w) == "int_embed")
 
     def fake_quantize(self, w: Tensor) -> Tensor:
         """A block matrix as the export's row quantiser stores it."""
-        return dequantize_rows(*Quantizer.quantize(self, "", w, self.bits)).to(w.dtype)
+        return dequantize_rows(*self.round_to_rows(w, self.bits)).to(w.dtype)
 
     def qat_weight(self, w: Tensor) -> Tensor:
         """A block matrix in late QAT's forward: the exported value with a straight-through gradient, or with
         QAT_SOFT_ROUND a soft rounding on the export's row scales that the gradient passes through."""
         if self.sharpness is None:
             return w + (self.fake_quantize(w) - w).detach()
-        scale = self.row_scales(w.detach(), self.bits)
+        scale = self.round_to_rows(w.detach(), self.bits)[1]
         return soft_round(w, scale.float(), 2 ** (self.bits - 1) - 1, self.sharpness).to(w.dtype)
 
 
@@ -1544,7 +1544,7 @@ class GPTQ(Quantizer):
             return super().quantize(name, w, bits)
         key = (name, bits, self.clip_mode, self.clip_floor)
         if key not in self.memo:
-            scale = self.row_scales(w, bits, embed=self.kind(name, w) == "int_embed")
+            scale = self.round_to_rows(w, bits, embed=self.kind(name, w) == "int_embed")[1]
             self.memo[key] = gptq_rows(w, self.hessians[name], scale, bits, self.damp, self.block), scale
         return self.memo[key]
 

@@ -45,7 +45,11 @@ if [ -n "${RUNS:-}" ]; then  # keep the named runs, in plan order
   done
 fi
 if [ "$gpus" -gt 0 ] && [ "$jobs" -gt "$gpus" ]; then
-  [ "${PROXY_SECONDS:-150}" = 0 ] || fail "JOBS=$jobs shares $gpus GPU(s) between runs: use fixed steps (PROXY_SECONDS=0 ITERATIONS=N)"
+  for i in "${!names[@]}"; do  # a run's own PROXY_SECONDS overrides the caller's
+    seconds=${PROXY_SECONDS:-150}
+    for kv in ${settings[$i]}; do [[ $kv == PROXY_SECONDS=* ]] && seconds=${kv#PROXY_SECONDS=}; done
+    [ "$seconds" = 0 ] || fail "JOBS=$jobs shares $gpus GPU(s) between runs, but ${names[$i]} has a wallclock budget: use fixed steps (PROXY_SECONDS=0 ITERATIONS=N)"
+  done
   echo "JOBS=$jobs on $gpus GPU(s): runs share GPUs, so their ms/step are not speed figures"
 fi
 data=$(bash eval/proxy_data.sh "$src" ${PROXY_DATA_DIR:+"$PROXY_DATA_DIR"})

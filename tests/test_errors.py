@@ -76,6 +76,12 @@ def test_proxy_and_quickstart_bad_input(tmp_path):
     (tmp_path / "twice.txt").write_text("a SEED=1\na SEED=2\n")
     assert_one_error(run([*ablate, "twice.txt", str(tmp_path)], tmp_path), "run name a appears twice")
     assert_one_error(run([*ablate, "none.txt"], tmp_path), "plan none.txt not found")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\n")
+    (tmp_path / "bin" / "nvidia-smi").chmod(0o755)
+    (tmp_path / "shared.txt").write_text("a SEED=1\nb SEED=1 PROXY_SECONDS=150\n")
+    fake_gpu = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "JOBS": "2", "PROXY_SECONDS": "0"}
+    assert_one_error(run([*ablate, "shared.txt", str(tmp_path)], tmp_path, fake_gpu), "but b has a wallclock budget")
     (tmp_path / "good.txt").write_text("a SEED=1\n")
     assert_one_error(run([*ablate, "good.txt", str(tmp_path)], tmp_path, {**os.environ, "RUNS": "a b"}),
                      "RUNS names b, which is not a run of")

@@ -51,7 +51,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     step on the same scales; with uncorrelated inputs (diagonal H) it is exactly that rounding."""
     w, x, h = correlated_problem(seed=1)
     quant = tg.Quantizer(6, 8, (0.999, 1.0), 0.0, 0)
-    scale = quant.row_scales(w, 6)
+    scale = quant.round_to_rows(w, 6)[1]
     nearest = tg.round_rows(w, scale, 31)
     gptq = tg.gptq_rows(w, h, scale, 6, 0.01, 128).double()
 
