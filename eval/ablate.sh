@@ -13,7 +13,7 @@
 #
 # PLAN holds one run per line, `NAME [ENV=VALUE ...]`, e.g. `leaky05_s42 SEED=42 LEAKY_RELU_SLOPE=0.5`; blank lines
 # and lines starting with # are skipped. A run's output goes to logs/NAME.out and its log to logs/NAME.txt; a run
-# whose log is complete already is not run again. Exit code 1 if a run failed, 2 for a bad plan.
+# whose log is complete already is not run again (FRESH=1: run it anyway). Exit code 1 if a run failed, 2 for a bad plan.
 set -euo pipefail
 fail() { echo "error: $*" >&2; exit 2; }
 [ $# -ge 1 ] && [ $# -le 2 ] || fail "usage: bash eval/ablate.sh PLAN [SHARED_DATA_DIR]"
@@ -70,7 +70,7 @@ wait_for_compile() {  # until run $2 (process $1) has logged its warm-up, or end
 }
 for i in "${!names[@]}"; do
   name=${names[$i]}
-  if grep -qs "^final_int6_sliding_window_exact" "logs/$name.txt"; then
+  if [ "${FRESH:-0}" != 1 ] && grep -qs "^final_int6_sliding_window_exact" "logs/$name.txt"; then
     echo "$(date +%H:%M:%S) $name: done already (logs/$name.txt)"
     continue
   fi
@@ -90,7 +90,7 @@ while [ ${#slot_of[@]} -gt 0 ]; do finish_one; done
 
 failed=0
 for name in "${names[@]}"; do
-  if grep -qs "^final_int6_sliding_window_exact" "logs/$name.txt"; then
+  if [ "${FRESH:-0}" != 1 ] && grep -qs "^final_int6_sliding_window_exact" "logs/$name.txt"; then
     python3 tools/logs.py summary "logs/$name.txt"
   else
     echo "$name: failed ($(grep -h '^error:' "logs/$name.out" 2>/dev/null | head -1 || true); see logs/$name.out)"

@@ -2,7 +2,8 @@
 # One call of proxy ablations on a lent device machine (the tool library's `run`): the wheels in .whl/ (WHEELS) installed
 # into /tmp/site, eval/ablate.sh on PLAN (RUNS, JOBS and every train_gpt.py setting pass through), stopped after
 # DEADLINE seconds (default 560, under the call's 600) so that whatever finished comes back: $OUT/logs.tgz holds
-# the runs' logs (and nothing else), whatever happened.
+# the runs' logs (and nothing else), whatever happened. Every named run runs (FRESH=1): a warm machine keeps logs/ from
+# the call before, whose logs came back already, and a 150 s run must not be skipped for a fixed-steps log of its name.
 #
 #   RUNS="xsa11_s1337 xsa11_s42 qk4_s1337 qk4_s42" JOBS=4 PROXY_SECONDS=0 ITERATIONS=1700 \
 #     bash eval/device_ablate.sh eval/plans/issue13.txt .proxy           (carry .proxy and .whl)
@@ -22,7 +23,7 @@ fi
 export PYTHONUNBUFFERED=1 ATTN_BACKEND=${ATTN_BACKEND:-cudnn}  # timing kernels on a shared GPU would be noise
 mkdir -p logs
 echo "$(date +%H:%M:%S) device_ablate: deadline ${deadline}s"
-timeout --kill-after=10 "$deadline" bash eval/ablate.sh "$@"
+FRESH=1 timeout --kill-after=10 "$deadline" bash eval/ablate.sh "$@"
 rc=$?
 [ $rc -eq 124 ] && echo "$(date +%H:%M:%S) device_ablate: the deadline stopped the plan; finished runs are in the logs"
 tar czf "$OUT/logs.tgz" logs/*.txt logs/*.out 2>/dev/null || tar czf "$OUT/logs.tgz" --files-from /dev/null

@@ -178,10 +178,13 @@ def test_proxy_at_another_vocab(tmp_path, shared_data):
 
 
 def test_device_ablation_call_returns_its_logs_at_the_deadline(tmp_path, shared_data):
-    """eval/device_ablate.sh stops the plan at DEADLINE and still leaves $OUT/logs.tgz (the logs so far)."""
+    """eval/device_ablate.sh stops the plan at DEADLINE and still leaves $OUT/logs.tgz (the logs so far); a run whose
+    complete log a warm machine kept from the call before runs again."""
     import tarfile
     plan = tmp_path / "plan.txt"
     plan.write_text("device_test_a SEED=3\n")
+    (ROOT / "logs").mkdir(exist_ok=True)
+    (ROOT / "logs" / "device_test_a.txt").write_text("final_int6_sliding_window_exact val_loss:1 val_bpb:1\n")
     out = tmp_path / "out"
     out.mkdir()
     env = proxy_env(tmp_path, OUT=str(out), DEADLINE="3", PROXY_SECONDS="30", WHEELS=str(tmp_path / "no_wheels"))
@@ -189,6 +192,7 @@ def test_device_ablation_call_returns_its_logs_at_the_deadline(tmp_path, shared_
         r = subprocess.run(["bash", str(ROOT / "eval" / "device_ablate.sh"), str(plan), str(shared_data)], env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 124 and "the deadline stopped the plan" in r.stdout, failure_tail(r)
+        assert "start device_test_a" in r.stdout and "done already" not in r.stdout
         with tarfile.open(out / "logs.tgz") as tar:
             assert all(n.startswith("logs/") for n in tar.getnames())
     finally:
