@@ -40,7 +40,6 @@ except ImportError:  # CPU-only installs: the MLP runs the torch path
 
 # ----------------------------------------------------------------------------------------------------------- config
 
-
 @dataclasses.dataclass
 class Hyperparameters:
     # data and run
@@ -64,6 +63,16 @@ class Hyperparameters:
     eval_stride: int = 64
     val_batch_size: int = 524_288  # tokens per evaluation batch, all ranks together
     eval_artifact: str = ""  # score this artifact and exit (no training data is read)
+    # test-time training, evaluation only and score first: a chunk of val trains the weights after it is scored
+    ttt_mode: str = "off"  # off | chunk (SGD on each scored chunk; the last chunk is never trained on)
+    ttt_chunk_tokens: int = 32_768  # predictions per chunk
+    ttt_lr: float = 0.002  # cosine-decayed over the chunks
+    ttt_epochs: int = 3  # SGD steps on each chunk, each on the whole chunk
+    ttt_momentum: float = 0.9
+    ttt_grad_clip: float = 1.0  # 0 = no clip
+    ttt_freeze_blocks: int = 2  # the first blocks that stay fixed (the embedding tables always do)
+    ttt_ema: float = 0.0  # 0: the adapted weights score; d: their EMA with decay d per chunk scores
+    ttt_budget_seconds: float = 480.0  # past this the rest of val is scored without adapting; 0 = no limit
     # model
     num_layers: int = 11
     model_dim: int = 512
@@ -190,22 +199,23 @@ class Hyperparameters:
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_stride", "val_batch_size",
                      "train_log_every", "num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "bigram_dim",
                      "ve_dim", "engram_heads", "engram_dim", "muon_backend_steps", "clock_sync_every", "size_limit",
-                     "gptq_calib_batches", "gptq_block"):
+                     "gptq_calib_batches", "gptq_block", "ttt_chunk_tokens"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         for name in ("seed", "max_wallclock_seconds", "warmup_steps", "grad_accum_steps", "val_loss_every", "xsa_last_n",
                      "ve_last_n", "bigram_vocab_size", "engram_buckets", "rope_dims", "leaky_relu_slope", "matrix_lr", "tied_embed_lr",
                      "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm", "ema_frac", "late_qat_threshold",
-                     "quant_min_numel", "quant_clip_floor", "gptq_reserve_seconds"):
+                     "quant_min_numel", "quant_clip_floor", "gptq_reserve_seconds", "ttt_lr", "ttt_epochs", "ttt_grad_clip",
+                     "ttt_freeze_blocks", "ttt_budget_seconds"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         for name in ("warmdown_frac", "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_frac",
-                     "beta1", "beta2", "swa_start_scale", "lr_floor"):
+                     "beta1", "beta2", "swa_start_scale", "lr_floor", "ttt_momentum"):
             need(0 <= getattr(self, name) <= 1, name, "must be between 0 and 1")
         for name in ("mlp_mult", "rope_base", "logit_softcap", "tied_embed_init_std", "adam_eps", "swa_every_frac", "ns_margin",
                      "sdclip_k", "sdclip_k_embed", "gptq_damp"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name, allowed in (("compressor", CODECS), ("quantizer", QUANTIZERS), ("muon_backend", QUINTIC_COEFFS),
                               ("bigram_hash", BIGRAM_HASHES), ("clip_mode", CLIP_MODES),
-                              ("attn_backend", ATTN_BACKENDS), ("mlp_kernel", MLP_KERNELS)):
+                              ("attn_backend", ATTN_BACKENDS), ("mlp_kernel", MLP_KERNELS), ("ttt_mode", TTT_MODES)):
             need(getattr(self, name) in allowed, name, f"is not one of {', '.join(allowed)}")
         need(2 <= self.embed_quant_bits <= 8, "embed_quant_bits", "must be between 2 and 8 (stored as int8)")
         need(self.quant_bits == "mixed" or self.quant_bits.isdigit() and 2 <= int(self.quant_bits) <= 8, "quant_bits",
@@ -221,6 +231,7 @@ class Hyperparameters:
         need(self.gptq_reserve_seconds < self.max_wallclock_seconds or self.max_wallclock_seconds == 0
              or self.quantizer != "gptq", "gptq_reserve_seconds", f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         need(0 <= self.byte_shuffle <= 15, "byte_shuffle", "must be between 0 (off) and 15")
+        need(0 <= self.ttt_ema < 1, "ttt_ema", "must be in [0, 1): 0 = off, else the EMA's decay per chunk")
         need(self.engram_orders in (1, 2), "engram_orders", "must be 1 (bigrams) or 2 (bigrams and trigrams)")
         need(self.eval_stride <= self.eval_seq_len, "eval_stride", f"must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.model_dim % self.num_heads == 0, "model_dim", f"must be a multiple of NUM_HEADS={self.num_heads}")
@@ -233,9 +244,7 @@ class Hyperparameters:
         need(parses(lambda: len(self.layer_slopes) == self.num_layers and all(-1 <= s <= 1 for s in self.layer_slopes)),
              "leaky_relu_slopes", f"must be {self.num_layers} comma-separated numbers in [-1, 1], one per layer")
 
-
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
 
 def parses(check) -> bool:
     """check(), or False where a list setting does not parse."""
@@ -243,7 +252,6 @@ def parses(check) -> bool:
         return bool(check())
     except ValueError:
         return False
-
 
 def parse_env_value(name: str, raw: str, kind: type):
     if kind is bool:
@@ -256,31 +264,24 @@ def parse_env_value(name: str, raw: str, kind: type):
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
-
 class ConfigError(ValueError):
     pass
-
 
 class DataError(RuntimeError):
     pass
 
-
 class ArtifactError(RuntimeError):
     pass
-
 
 class TrainingError(RuntimeError):
     pass
 
-
 USER_ERRORS = (ConfigError, DataError, ArtifactError, TrainingError, OSError)  # one `error:` line, exit code 2
-
 
 # ------------------------------------------------------------------------------------------------------------- data
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = 4 * HEADER_INTS
 DOWNLOAD_HINT = "download them with: python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80"
-
 
 def read_shard(path: str, vocab_size: int = 1 << 16) -> np.ndarray:
     """Read one challenge shard: 256 little-endian int32 header (magic, version, count), then uint16 tokens."""
@@ -302,14 +303,12 @@ def read_shard(path: str, vocab_size: int = 1 << 16) -> np.ndarray:
                         "the shards were made with another tokenizer")
     return tokens
 
-
 def list_shards(data_path: str, split: str) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
     files = sorted(glob.glob(pattern))
     if not files:
         raise DataError(f"no {split} shards match {pattern}; set DATA_PATH or {DOWNLOAD_HINT}")
     return files
-
 
 class TokenStream:
     """Tokens of the shards in order, cycling forever."""
@@ -328,7 +327,6 @@ class TokenStream:
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
         return np.concatenate(parts)
-
 
 class TrainLoader:
     """Each step reads one global batch; rank r, micro-step m gets slice m * world + r (disjoint, covering).
@@ -366,13 +364,11 @@ class TrainLoader:
             out.append((buf[:-1].view(-1, self.seq_len), buf[1:].view(-1, self.seq_len)))
         return out
 
-
 def load_val_tokens(data_path: str, min_len: int, vocab_size: int = 1 << 16) -> np.ndarray:
     tokens = np.concatenate([read_shard(f, vocab_size) for f in list_shards(data_path, "val")])
     if len(tokens) < min_len + 1:
         raise DataError(f"validation split has {len(tokens)} tokens, fewer than one sequence ({min_len} + 1)")
     return tokens
-
 
 def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
@@ -385,7 +381,6 @@ def load_tokenizer(path: str, vocab_size: int):
     if sp.vocab_size() != vocab_size:
         raise DataError(f"tokenizer {path} has vocab {sp.vocab_size()}, but VOCAB_SIZE={vocab_size}")
     return sp
-
 
 def build_byte_tables(sp) -> tuple[Tensor, Tensor, Tensor]:
     """Per token: UTF-8 bytes of its piece without the leading-space marker, whether it has that marker,
@@ -405,11 +400,9 @@ def build_byte_tables(sp) -> tuple[Tensor, Tensor, Tensor]:
         base[t] = len(piece.encode("utf-8"))
     return base, space, boundary
 
-
 def count_bytes(prev: Tensor, target: Tensor, tables) -> Tensor:
     base, space, boundary = tables
     return base[target] + (space[target] & ~boundary[prev]).int()
-
 
 # ------------------------------------------------------------------------------------------------------------ model
 class CastedLinear(nn.Linear):
@@ -430,10 +423,8 @@ class CastedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.cast_weight(x.dtype))
 
-
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
 
 def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first 2 * cos.size(-1) dims of each head; x is (B, T, H, D), cos/sin are (T, R/2)."""
@@ -442,7 +433,6 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
-
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA: remove from each head's output its component along the token's own normalised value vector.
     y is (B, T, H, D), v is (B, T, Hkv, D); query head h reads kv head h // (H // Hkv), as in GQA."""
@@ -450,7 +440,6 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     yg = y.view(B, T, v.size(2), H // v.size(2), D)
     vn = F.normalize(v, dim=-1).unsqueeze(3)
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
-
 
 def attention(q: Tensor, k: Tensor, v: Tensor, impl: str) -> Tensor:
     """Causal attention on (B, T, H, D) tensors with GQA (impl fa3 or sdpa); returns (B, T, H, D)."""
@@ -462,21 +451,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, impl: str) -> Tensor:
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)
 
-
 SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
 ATTN_BACKENDS = ("auto", "fa3", *SDPA_KERNELS)
-
 
 def sdpa_backend(kernel: str):
     from torch.nn.attention import SDPBackend
     return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[kernel]
 
-
 def relative_error(a: Tensor, ref: Tensor) -> float:
     """|a - ref| / |ref| in float64 (Frobenius norms)."""
     return ((a.double() - ref).norm() / ref.norm()).item()
-
 
 def median_cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
     """Median milliseconds of fn() over `reps` CUDA-event-timed calls, after `warmup` untimed ones."""
@@ -491,7 +476,6 @@ def median_cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return float(np.median(times))
-
 
 def select_attention(hp: Hyperparameters, device: torch.device, batch_seqs: int, log) -> str:
     """ATTN_BACKEND resolved to an `attention` impl. auto: FA3 if it imports and matches a float64 reference, else
@@ -533,7 +517,6 @@ def select_attention(hp: Hyperparameters, device: torch.device, batch_seqs: int,
         + ", ".join(f"{n}:{t:.2f}" for n, t in timings.items() if n != "fa3") + "".join(f"; {n}" for n in notes) + ")")
     return "fa3" if name == "fa3" else "sdpa"
 
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, hp: Hyperparameters, xsa: bool, attn_impl: str):
         super().__init__()
@@ -564,10 +547,8 @@ class CausalSelfAttention(nn.Module):
             y = remove_self_value(y, v)
         return self.proj(y.reshape(B, T, C))
 
-
 def squared_act(pre: Tensor, slope: float) -> Tensor:
     return (F.leaky_relu(pre, slope) if slope else F.relu(pre)).square()
-
 
 MLP_KERNELS = ("auto", "triton", "torch")
 MLP_GRAD_TILES = (128, 128, 64, 4, 3)  # BM, BN, BK, warps, stages: the fastest in tools/gpu_bench.py mlp on H100
@@ -597,7 +578,6 @@ if triton is not None:
             acc = acc * 2.0 * tl.where(saved > 0, saved, saved * SLOPE * SLOPE)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-
 def launch_squared_act_grad(d_out: Tensor, w_proj: Tensor, saved: Tensor, slope: float, tiles) -> Tensor:
     (M, K), N, out = d_out.shape, w_proj.size(1), torch.empty_like(saved)
     bm, bn, bk, warps, stages = tiles
@@ -606,17 +586,14 @@ def launch_squared_act_grad(d_out: Tensor, w_proj: Tensor, saved: Tensor, slope:
         SLOPE=slope, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return out
 
-
 @torch.library.custom_op("pgolf::squared_act_grad", mutates_args=())
 def squared_act_grad(d_out: Tensor, w_proj: Tensor, saved: Tensor, slope: float) -> Tensor:
     """The MLP's d pre from d out (M, dim), W_proj (dim, hidden) and the forward's pre (or act when slope == 0)."""
     return launch_squared_act_grad(d_out, w_proj, saved.contiguous(), slope, MLP_GRAD_TILES)
 
-
 @squared_act_grad.register_fake
 def _(d_out, w_proj, saved, slope):
     return torch.empty_like(saved)
-
 
 class SquaredActMLP(torch.autograd.Function):
     """leaky(x @ W_fc.T)^2 @ W_proj.T for 2-D x: the forward is plain torch (inductor fuses it with its
@@ -637,7 +614,6 @@ class SquaredActMLP(torch.autograd.Function):
         d_pre = squared_act_grad(d_out, w_proj, pre[0] if pre else act, ctx.slope)
         return d_pre @ w_fc, d_pre.t() @ x, d_out.t() @ act, None
 
-
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, slope: float, kernel: str = "torch"):
         super().__init__()
@@ -650,14 +626,12 @@ class MLP(nn.Module):
             return SquaredActMLP.apply(x.reshape(-1, x.size(-1)), w_fc, w_proj, self.slope).view(*x.shape[:-1], -1)
         return self.proj(squared_act(self.fc(x), self.slope))
 
-
 def mlp_output_and_grads(mlp: MLP, x: Tensor, d_out: Tensor) -> list[Tensor]:
     """[out, d x, d W_fc, d W_proj] of `mlp` at x for the upstream gradient d_out, both cast to its weights' dtype."""
     dtype = mlp.fc.weight.dtype
     x = x.detach().to(dtype).requires_grad_()
     out = mlp(x)
     return [out, *torch.autograd.grad(out, (x, mlp.fc.weight, mlp.proj.weight), d_out.to(dtype))]
-
 
 def select_mlp_kernel(hp: Hyperparameters, device: torch.device, log) -> str:
     """MLP_KERNEL resolved: the fused Triton kernel where it runs and matches the torch path in float64 (output
@@ -693,7 +667,6 @@ def select_mlp_kernel(hp: Hyperparameters, device: torch.device, log) -> str:
     log(f"mlp: torch (the fused kernel failed its check: {problem})")
     return "torch"
 
-
 class Block(nn.Module):
     def __init__(self, hp: Hyperparameters, layer: int, attn_impl: str):
         super().__init__()
@@ -711,7 +684,6 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, ve)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
 
-
 class SmearGate(nn.Module):
     """x_t <- (1 - g) * x_t + g * x_{t-1}, with a learned per-dimension gate g = sigmoid(w)."""
 
@@ -723,9 +695,7 @@ class SmearGate(nn.Module):
         g = torch.sigmoid(self.gate).to(x.dtype)
         return x + g * (F.pad(x[:, :-1], (0, 0, 1, 0)) - x)
 
-
 BIGRAM_HASHES = ("mul", "xor")
-
 
 class BigramHash(nn.Module):
     """Embedding of a hash of (previous, current) token, projected to the model dim; zero-initialised table."""
@@ -743,7 +713,6 @@ class BigramHash(nn.Module):
         h = (prev * 92821 + cur if self.hash_kind == "mul" else (cur * 36313) ^ (prev * 27191)) % (self.buckets - 1)
         h = F.pad(h, (1, 0), value=self.buckets - 1)  # the first position has no previous token
         return self.proj(self.embed(h).to(dtype)) * self.scale.to(dtype)
-
 
 class EngramLite(nn.Module):
     """Hashed n-gram embeddings: for each order (bigram; trigram) and head, a hash of the token and its
@@ -775,7 +744,6 @@ class EngramLite(nn.Module):
         e = self.embed(torch.stack(rows, dim=-1)).flatten(-2).to(dtype)
         return self.proj(e) * torch.sigmoid(self.gate).to(dtype)
 
-
 class ValueEmbedding(nn.Module):
     """A token embedding shared by the last layers, projected to the KV width and added to V."""
 
@@ -788,7 +756,6 @@ class ValueEmbedding(nn.Module):
 
     def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
         return self.proj(self.embed(ids).to(dtype)) * self.scale.to(dtype)
-
 
 class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters, attn_impl: str = "sdpa", dtype: torch.dtype = torch.bfloat16):
@@ -847,20 +814,16 @@ class GPT(nn.Module):
         losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none" if per_token else "mean")
         return losses.view(targets.shape) if per_token else losses
 
-
 def build_model(hp: Hyperparameters, device: torch.device, attn_impl: str) -> GPT:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return GPT(hp, attn_impl, dtype).to(device)
 
-
 def maybe_compile(model: nn.Module, hp: Hyperparameters):
     return torch.compile(model, dynamic=False, fullgraph=True) if hp.torch_compile else model
-
 
 def quantized_linears(model: GPT, quant: Quantizer) -> list[CastedLinear]:
     """The layers whose weights the export stores at the block bits: the layers that late QAT fake-quantises."""
     return [m for n, m in model.named_modules() if isinstance(m, CastedLinear) and quant.kind(n + ".weight", m.weight) == "int"]
-
 
 # -------------------------------------------------------------------------------------------------------- optimizer
 QUINTIC_COEFFS = {  # odd quintic a*x + b*x^3 + c*x^5 per step; the last triple repeats beyond its list
@@ -876,7 +839,6 @@ QUINTIC_COEFFS["turbo"] = QUINTIC_COEFFS["polar_express"][1:]  # AOL scaling sta
 REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
 ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-
 def aol_scale(X: Tensor, eps: float = 1e-7) -> tuple[Tensor, Tensor]:
     """AOL preconditioning of wide matrices X (..., m, n), m <= n: row i is scaled by 1 / sqrt(sum_j |(X X^T)_ij|),
     the Gershgorin bound of its Gram row, so every singular value of the result is at most 1 and small ones are
@@ -885,10 +847,8 @@ def aol_scale(X: Tensor, eps: float = 1e-7) -> tuple[Tensor, Tensor]:
     s = 1.0 / (A.abs().sum(dim=-1).sqrt() + eps)
     return X * s[..., :, None], A * s[..., :, None] * s[..., None, :]
 
-
 def normalize_rows(X: Tensor, dim: int = -1) -> Tensor:
     return X / (X.float().norm(dim=dim, keepdim=True) + 1e-7).to(X.dtype)
-
 
 def orthogonalize(G: Tensor, steps: int, method: str = "newton_schulz", row_norm: bool = False, margin: float = 1.01) -> Tensor:
     """Approximate the orthogonal polar factor of each matrix in a (N, m, n) batch, in bf16. row_norm (MuonEq-R)
@@ -913,7 +873,6 @@ def orthogonalize(G: Tensor, steps: int, method: str = "newton_schulz", row_norm
     X = X.mT if tall else X
     return normalize_rows(normalize_rows(X), dim=-2) if method == "turbo" else X
 
-
 def attach_grad_buffer(params: list[Tensor], shape: tuple) -> Tensor:
     """A zeroed fp32 buffer whose slices are the params' .grad: backward accumulates straight into it, so a
     group is reduced, clipped and zeroed as one tensor. `shape` is (slots, *param shape) for a bank of
@@ -924,7 +883,6 @@ def attach_grad_buffer(params: list[Tensor], shape: tuple) -> Tensor:
         p.grad = buf[i] if buf.dim() > 1 else buf[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
     return buf
-
 
 class Muon(torch.optim.Optimizer):
     """Muon on parameter banks: the matrices of one shape share a gradient bank (N, m, n), N padded to a
@@ -986,7 +944,6 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(ps, list(O[:len(ps)].float().unbind(0)), alpha=-lr * max(1.0, m / n) ** 0.5)
         self.pending = []
 
-
 class Optimizers:
     """Muon for the block matrices, AdamW for embedding tables (embed LR) and scalars/gates/vectors (scalar
     LR). Every gradient lives in a preallocated buffer: one step sums them over ranks (Muon banks
@@ -1038,7 +995,6 @@ class Optimizers:
     def load_state_dict(self, states: list[dict]):
         self.muon.load_state_dict(states[0])
         self.adam.load_state_dict(states[1])
-
 
 # --------------------------------------------------------------------------------------------------------- schedule
 @dataclasses.dataclass(frozen=True)
@@ -1100,7 +1056,6 @@ class Schedule:
             return None
         return int(p / self.swa_every_frac)
 
-
 class RunClock:
     """Training milliseconds so far (paused while validating). Under a time cap with several ranks every rank
     follows rank 0's clock, so all take the same LR, EMA decay and stop step: it is broadcast at every step up to
@@ -1138,7 +1093,6 @@ class RunClock:
         yield
         self.t0 = time.perf_counter()
 
-
 # --------------------------------------------------------------------------------------------------------- training
 @dataclasses.dataclass
 class TrainingParts:
@@ -1147,10 +1101,8 @@ class TrainingParts:
     compiled: nn.Module
     opt: Optimizers
 
-
 def grad_accum_steps(hp: Hyperparameters, world: int) -> int:
     return hp.grad_accum_steps or max(1, 8 // world)
-
 
 def setup_training(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log) -> TrainingParts:
     accum = grad_accum_steps(hp, world)
@@ -1165,7 +1117,6 @@ def setup_training(hp: Hyperparameters, rank: int, world: int, device: torch.dev
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
     return TrainingParts(loader, model, maybe_compile(model, hp), Optimizers(model, hp, rank, world, hp.torch_compile))
-
 
 def train_step(parts: TrainingParts, lr_scale: float, momentum: float, mark=lambda phase: None) -> Tensor:
     """One optimizer step on the next global batch; returns the mean loss (on device). `mark(phase)` is called
@@ -1183,11 +1134,9 @@ def train_step(parts: TrainingParts, lr_scale: float, momentum: float, mark=lamb
     mark("optimizer")
     return loss_sum / len(batches)
 
-
 def set_qat(layers: list[CastedLinear], quant: Quantizer | None):
     for m in layers:
         m.qat = quant
-
 
 def check_qat_switch(model: nn.Module, batch: tuple[Tensor, Tensor], layers: list[CastedLinear], quant: Quantizer):
     """Late QAT must reach the compiled forward: at the same weights and batch the loss with fake quantisation
@@ -1201,7 +1150,6 @@ def check_qat_switch(model: nn.Module, batch: tuple[Tensor, Tensor], layers: lis
         raise TrainingError(f"late QAT does not change the compiled forward (loss {losses[0]:.6f} with and without): "
                             "the switch was folded into the graph; LATE_QAT_THRESHOLD=0 trains without it")
     return losses
-
 
 def compile_warmup(parts: TrainingParts, hp: Hyperparameters, sched: Schedule, qat_layers, quant: Quantizer, log):
     """WARMUP_STEPS steps so that torch.compile builds every graph the run needs (the middle third runs with QAT
@@ -1224,7 +1172,6 @@ def compile_warmup(parts: TrainingParts, hp: Hyperparameters, sched: Schedule, q
     parts.model.load_state_dict(initial)
     parts.opt.load_state_dict(opt_states)
     parts.loader.reset()
-
 
 class WeightAverages:
     """The EMA of the weights and the mean of SWA snapshots. `final` is what the run exports: the SWA mean if it
@@ -1253,7 +1200,6 @@ class WeightAverages:
             log(f"swa: averaged {self.count} snapshots")
             return [s / self.count for s in self.swa]
         return self.ema if self.ema is not None else self.weights
-
 
 def collect_hessians(model: GPT, loader: TrainLoader, batches: int, quant: Quantizer, world: int) -> dict[str, Tensor]:
     """GPTQ's calibration: X^T X of the inputs of every matrix the export quantises, summed over the training
@@ -1295,7 +1241,6 @@ def collect_hessians(model: GPT, loader: TrainLoader, batches: int, quant: Quant
             dist.all_reduce(h)
     return hessians
 
-
 def calibrate(parts: TrainingParts, hp: Hyperparameters, quant: Quantizer, world: int, train_s: float, log) -> dict:
     """The Hessians for GPTQ, timed against the training budget they belong to."""
     t0 = time.perf_counter()
@@ -1310,7 +1255,6 @@ def calibrate(parts: TrainingParts, hp: Hyperparameters, quant: Quantizer, world
         msg += f": OVERRAN the budget by {train_s + took - cap:.1f}s (raise GPTQ_RESERVE_SECONDS)"
     log(msg)
     return hessians
-
 
 def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log,
           ev: EvalContext) -> tuple[GPT, dict[str, Tensor]]:
@@ -1379,11 +1323,9 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
     hessians = calibrate(parts, hp, quant, world, elapsed_ms / 1000, log) if isinstance(quant, GPTQ) else {}
     return parts.model, hessians
 
-
 # ---------------------------------------------------------------------------------------------- quantization/export
 def round_rows(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
     return torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax)
-
 
 def quantize_rows(w: Tensor, bits: int, percentiles: tuple[float, ...], clip_floor: float) -> tuple[Tensor, Tensor]:
     """Symmetric per-row quantisation to [-(2^(b-1)-1), 2^(b-1)-1] with an fp16 scale. For each row the clip is
@@ -1411,16 +1353,13 @@ def quantize_rows(w: Tensor, bits: int, percentiles: tuple[float, ...], clip_flo
             best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
     return best_q.to(torch.int8), best_scale.half()
 
-
 def sdclip_scales(w: Tensor, bits: int, k: float, clip_floor: float) -> Tensor:
     """SDClip: each row's clip is k standard deviations of the row (never below `clip_floor`), as an fp16 scale."""
     clip = (k * w.float().std(dim=1)).clamp_min(clip_floor)
     return (clip / (2 ** (bits - 1) - 1)).clamp_min(2 ** -24).half()
 
-
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
-
 
 def soft_round(w: Tensor, scale: Tensor, qmax: int, sharpness: Tensor) -> Tensor:
     """w / scale (per row) clamped to +-qmax, its integer part kept and its fractional part f replaced by
@@ -1429,7 +1368,6 @@ def soft_round(w: Tensor, scale: Tensor, qmax: int, sharpness: Tensor) -> Tensor
     z = (w / scale[:, None]).clamp(-qmax, qmax)
     base = z.detach().floor()
     return (base + torch.sigmoid(sharpness * (z - base - 0.5))) * scale[:, None]
-
 
 def gptq_rows(w: Tensor, hessian: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
     """GPTQ (Frantar et al. 2022) on fixed row scales: columns are rounded one at a time, largest Hessian
@@ -1464,9 +1402,7 @@ def gptq_rows(w: Tensor, hessian: Tensor, scale: Tensor, bits: int, damp: float,
         W[:, b1:] -= errs @ U[b0:b1, b1:]
     return Q[:, torch.argsort(order)].to(torch.int8)
 
-
 CLIP_MODES = ("search", "sdclip")
-
 
 @dataclasses.dataclass(frozen=True)
 class Quantizer:
@@ -1524,7 +1460,6 @@ class Quantizer:
         scale = self.round_to_rows(w.detach(), self.bits)[1]
         return soft_round(w, scale.float(), 2 ** (self.bits - 1) - 1, self.sharpness).to(w.dtype)
 
-
 @dataclasses.dataclass(frozen=True)
 class GPTQ(Quantizer):
     """QUANTIZER=gptq: the same row scales, rounded by `gptq_rows` with the Hessian of each matrix's inputs
@@ -1548,20 +1483,17 @@ class GPTQ(Quantizer):
             self.memo[key] = gptq_rows(w, self.hessians[name], scale, bits, self.damp, self.block), scale
         return self.memo[key]
 
-
 def entropy_bytes(q: Tensor) -> float:
     """The order-0 entropy of a tensor's integers, in bytes: about what the compressor needs for them."""
     counts = torch.bincount(q.flatten().long() + 128, minlength=256).double()
     p = counts[counts > 0] / q.numel()
     return float(-(p * p.log2()).sum()) * q.numel() / 8
 
-
 def output_error(w: Tensor, q: Tensor, scale: Tensor, hessian: Tensor | None) -> float:
     """tr((W - Q) H (W - Q)^T): the squared error quantisation adds to the layer's outputs over the calibration
     tokens (|W - Q|^2 without a Hessian)."""
     d = w.double() - dequantize_rows(q, scale).double()
     return float(((d @ hessian.double()) * d).sum()) if hessian is not None else float(d.square().sum())
-
 
 def allocate_bits(state: dict[str, Tensor], quant: Quantizer, widths: tuple[int, ...], budget: float) -> dict[str, int]:
     """QUANT_BITS=mixed: every block matrix at widths[0]; then, while the added bytes (estimated by the entropy
@@ -1583,7 +1515,6 @@ def allocate_bits(state: dict[str, Tensor], quant: Quantizer, widths: tuple[int,
         _, n, b = max(steps)
         spent, bits[n] = spent + cost[n, b] - cost[n, bits[n]], b
 
-
 QUANTIZERS = {"gptq_lite": Quantizer, "gptq": GPTQ}
 ARTIFACT_MAGIC = b"PGA1"
 CODECS = {"zstd": 1, "brotli": 2}
@@ -1593,7 +1524,6 @@ MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_head
               "engram_buckets", "engram_heads", "engram_orders", "engram_dim", "skip_gates", "bigram_hash")
 MODEL_KEYS_ADDED_OFF = dict(leaky_relu_slopes="", engram_buckets=0, engram_heads=2, engram_orders=2, engram_dim=32,
                             skip_gates=False, bigram_hash="mul")  # absent from older artifacts: off
-
 
 def compress(raw: bytes, codec: str) -> bytes:
     try:
@@ -1607,14 +1537,12 @@ def compress(raw: bytes, codec: str) -> bytes:
         raise ConfigError(f"COMPRESSOR={codec} needs the {e.name} package (pip install -r requirements.txt)") from None
     raise ConfigError(f"COMPRESSOR={codec!r}: use zstd or brotli")
 
-
 def decompress(blob: bytes, codec: str) -> bytes:
     if codec == "zstd":
         import zstandard
         return zstandard.ZstdDecompressor().decompress(blob)
     import brotli
     return brotli.decompress(blob)
-
 
 def shuffle_bytes(raw: bytes, stride: int, inverse: bool = False) -> bytes:
     """Byte 0 of every `stride`-byte group first, then byte 1, ...: neighbouring values' high and low bytes (or,
@@ -1625,7 +1553,6 @@ def shuffle_bytes(raw: bytes, stride: int, inverse: bool = False) -> bytes:
     a = np.frombuffer(raw, dtype=np.uint8)
     n = len(a) - len(a) % stride
     return a[:n].reshape((stride, -1) if inverse else (-1, stride)).T.tobytes() + a[n:].tobytes()
-
 
 def pack_state(state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer) -> bytes:
     """Quantise a state dict and lay it out as: u32 header length, JSON header, raw tensor bytes."""
@@ -1652,7 +1579,6 @@ def pack_state(state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer) 
     header = json.dumps({"config": config, "tensors": entries, "crc32": zlib.crc32(payload)}, sort_keys=True).encode()
     return len(header).to_bytes(4, "little") + header + payload
 
-
 def unpack_state(raw: bytes) -> tuple[dict, dict[str, Tensor]]:
     """Inverse of pack_state, dequantising on the way: returns (model config, fp32 state dict)."""
     try:
@@ -1676,7 +1602,6 @@ def unpack_state(raw: bytes) -> tuple[dict, dict[str, Tensor]]:
         raise ArtifactError(f"artifact tensor table does not match its payload ({type(e).__name__}: {e})") from None
     return config, state
 
-
 def write_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer, log=None) -> int:
     """MAGIC, one byte (codec | byte-shuffle stride << 4), the compressed (shuffled) pack_state payload."""
     t0 = time.perf_counter()
@@ -1691,7 +1616,6 @@ def write_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, qua
             f"export_time:{time.perf_counter() - t0:.1f}s")
     return len(blob)
 
-
 def fit_mixed_bits(path: str, state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer, code_bytes: int,
                    log) -> tuple[Quantizer, int]:
     """QUANT_BITS=mixed: write the artifact with every block matrix at the lowest width, spend the bytes left to
@@ -1705,7 +1629,6 @@ def fit_mixed_bits(path: str, state: dict[str, Tensor], hp: Hyperparameters, qua
         f"all int{hp.widths[0]}, code + artifact {code_bytes + nbytes:,} (SIZE_TARGET {hp.size_target:,})")
     log("mixed_bits_by_matrix: " + " ".join(f"{n}:{b}" for n, b in bits.items()))
     return quant, nbytes
-
 
 def export_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, code_bytes: int, log,
                     hessians: dict[str, Tensor] | None = None) -> int:
@@ -1725,7 +1648,6 @@ def export_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, co
         nbytes = write_artifact(path, state, hp, quant, log)
     return nbytes
 
-
 def read_payload(path: str) -> bytes:
     """An artifact's pack_state bytes (decompressed, unshuffled)."""
     if not os.path.isfile(path):
@@ -1741,10 +1663,8 @@ def read_payload(path: str) -> bytes:
         raise ArtifactError(f"{path}: cannot decompress ({codec}): truncated or corrupt artifact ({e})") from None
     return shuffle_bytes(raw, stride, inverse=True)
 
-
 def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
     return unpack_state(read_payload(path))
-
 
 # ------------------------------------------------------------------------------------------------------- evaluation
 def scored_chunks(num_preds: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
@@ -1757,10 +1677,8 @@ def scored_chunks(num_preds: int, seq_len: int, stride: int) -> list[tuple[int, 
         s = e
     return chunks
 
-
 def rank_slice(items: list, rank: int, world: int) -> list:
     return items[rank * len(items) // world:(rank + 1) * len(items) // world]
-
 
 def eval_spans(num_preds: int, seq_len: int, stride: int, span_preds: int, rank: int, world: int):
     """In stream order: ((start, end) of a span of predictions, this rank's chunks of it). Spans hold whole chunks
@@ -1777,7 +1695,6 @@ def eval_spans(num_preds: int, seq_len: int, stride: int, span_preds: int, rank:
         yield (chunks[i][0], chunks[j - 1][1]), rank_slice(chunks[i:j], rank, world)
         i = j
 
-
 def window_batch(tokens: Tensor, chunks: list[tuple[int, int]], seq_len: int, batch_seqs: int):
     """(inputs, targets, scored mask) of a fixed-shape batch (the compiled model sees one shape): chunk (s, e)
     is scored by the window [max(0, e - seq_len), e); padding rows repeat the last window and are masked out."""
@@ -1791,7 +1708,6 @@ def window_batch(tokens: Tensor, chunks: list[tuple[int, int]], seq_len: int, ba
     idx = idx.clamp_max(tokens.numel() - 2)
     return tokens[idx], tokens[idx + 1], mask
 
-
 class Adapter:
     """The score-then-adapt hook of `evaluate`. The stream is cut into spans of at most `span_preds` predictions
     (0: one span); all ranks score a span (`scored` sees each batch with its per-token losses), then every rank
@@ -1804,7 +1720,6 @@ class Adapter:
 
     def adapt(self, start: int, end: int):
         pass
-
 
 def evaluate(model, tokens: Tensor, tables, seq_len: int, stride: int, batch_seqs: int, rank: int, world: int,
              adapter: Adapter | None = None) -> tuple[float, float]:
@@ -1826,6 +1741,84 @@ def evaluate(model, tokens: Tensor, tables, seq_len: int, stride: int, batch_seq
     loss, ntok, nbytes = sums.tolist()
     return loss / ntok, loss / (math.log(2) * nbytes)
 
+TTT_MODES = ("off", "chunk")
+FULL_VAL_TOKENS = 62_021_632  # the challenge's val split, for the eval-time projection
+
+class ChunkTTT(Adapter):
+    """TTT_MODE=chunk: `evaluate` scores each span of TTT_CHUNK_TOKENS predictions, then `adapt` takes TTT_EPOCHS
+    SGD steps (momentum, gradient clipped) on that span, the LR cosine-decayed over the spans; the next span is
+    scored by the new weights, or by their EMA (TTT_EMA). The last span is never trained on (nothing is left to
+    score). The embedding tables and the first TTT_FREEZE_BLOCKS blocks stay fixed. Ranks split a span's rows and
+    sum their gradients. Once TTT_BUDGET_SECONDS have passed, the rest is scored without adapting."""
+
+    def __init__(self, model: nn.Module, base: GPT, tokens: Tensor, hp: Hyperparameters, world: int, rank: int, log):
+        self.model, self.tokens, self.hp, self.world, self.rank, self.log = model, tokens, hp, world, rank, log
+        self.span_preds, seq = hp.ttt_chunk_tokens, hp.eval_seq_len
+        frozen = tuple(f"blocks.{i}." for i in range(hp.ttt_freeze_blocks))
+        self.params = [p for n, p in base.named_parameters()  # the frozen ones' gradients are computed and ignored:
+                       if not n.startswith(frozen) and not n.endswith(("emb.weight", "embed.weight"))]  # no recompile
+        self.grads = attach_grad_buffer(self.params, (sum(p.numel() for p in self.params),))
+        self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        self.fast = [p.detach().clone() for p in self.params] if hp.ttt_ema > 0 else None
+        self.spans = sum(1 for _ in eval_spans(tokens.numel() - 1, seq, hp.eval_stride, self.span_preds, 0, 1))
+        self.rows = -(-max(self.span_preds, seq) // seq // world) * world  # padded to a multiple of the ranks
+        t0 = time.perf_counter()  # compile the training graph before the clock starts: token 0 rows, no step taken
+        zeros = torch.zeros(self.rows // world, seq, dtype=tokens.dtype, device=tokens.device)
+        model(zeros, zeros, per_token=True).sum().backward()
+        self.grads.zero_()
+        log(f"ttt: chunk {self.span_preds} tokens, {self.spans} chunks, {len(self.params)} tensors adapted; training "
+            f"graph warmed up in {time.perf_counter() - t0:.1f}s")
+        self.adapted, self.stopped, self.t0, self.adapt_s = 0, False, time.perf_counter(), 0.0
+
+    def over_budget(self) -> bool:
+        """Rank 0's clock decides, so that every rank stops at the same span."""
+        flag = torch.tensor(float(0 < self.hp.ttt_budget_seconds < time.perf_counter() - self.t0), device=self.tokens.device)
+        if self.world > 1:
+            dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+    def span_rows(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's rows of predictions [start, end): (inputs, targets, mask), padding masked out."""
+        seq = self.hp.eval_seq_len
+        idx = start + torch.arange(self.rows * seq, device=self.tokens.device).view(self.rows, seq)
+        idx = idx[self.rank * self.rows // self.world:(self.rank + 1) * self.rows // self.world]
+        mask, idx = idx < end, idx.clamp_max(end - 1)
+        return self.tokens[idx], self.tokens[idx + 1], mask
+
+    def adapt(self, start: int, end: int):
+        if self.stopped or end >= self.tokens.numel() - 1:
+            return
+        if self.over_budget():
+            self.stopped = True
+            self.log(f"ttt: TTT_BUDGET_SECONDS={self.hp.ttt_budget_seconds:g} reached after {self.adapted} of "
+                     f"{self.spans - 1} chunks: the rest is scored without adapting")
+            return
+        t0 = time.perf_counter()
+        for g in self.opt.param_groups:
+            g["lr"] = self.hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * self.adapted / max(self.spans - 1, 1)))
+        weights = [p.detach() for p in self.params]
+        if self.fast is not None:  # train the fast weights; the model holds their EMA for scoring
+            ema = [w.clone() for w in weights]
+            torch._foreach_copy_(weights, self.fast)
+        x, y, mask = self.span_rows(start, end)
+        for _ in range(self.hp.ttt_epochs):
+            ((self.model(x, y, per_token=True) * mask).sum() / (end - start)).backward()
+            if self.world > 1:
+                dist.all_reduce(self.grads)
+            if self.hp.ttt_grad_clip > 0:
+                self.grads.mul_((self.hp.ttt_grad_clip / (self.grads.norm() + 1e-6)).clamp(max=1.0))
+            self.opt.step()
+            self.grads.zero_()
+        if self.fast is not None:
+            torch._foreach_copy_(self.fast, weights)
+            torch._foreach_lerp_(ema, weights, 1.0 - self.hp.ttt_ema)
+            torch._foreach_copy_(weights, ema)
+        self.adapted += 1
+        self.adapt_s += time.perf_counter() - t0
+
+    def report(self, eval_s: float):
+        self.log(f"ttt: {self.adapted} of {self.spans - 1} chunks adapted in {self.adapt_s:.1f}s of {eval_s:.1f}s; the "
+                 f"full val ({FULL_VAL_TOKENS:,} tokens) on 8 GPUs: ~{eval_s * FULL_VAL_TOKENS / self.tokens.numel() * self.world / 8:.0f}s")
 
 class EvalContext:
     """Validation tokens, byte tables and one compiled evaluation model whose weights are swapped in."""
@@ -1847,9 +1840,11 @@ class EvalContext:
         t0 = time.perf_counter()
         loss, bpb = evaluate(self.compiled, self.tokens, self.tables, self.hp.eval_seq_len,
                              stride or self.hp.eval_seq_len, self.batch_seqs, self.rank, self.world, adapter)
-        self.log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{time.perf_counter() - t0:.1f}s")
+        took = time.perf_counter() - t0
+        self.log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{took:.1f}s")
+        if isinstance(adapter, ChunkTTT):
+            adapter.report(took)
         return loss, bpb
-
 
 def score_artifact(path: str, code_bytes: int, ev: EvalContext):
     t0 = time.perf_counter()
@@ -1857,10 +1852,13 @@ def score_artifact(path: str, code_bytes: int, ev: EvalContext):
     ev.log(f"artifact:{path} loaded and dequantised in {time.perf_counter() - t0:.1f}s")
     ev.score(state, "final_int6_roundtrip_exact")
     ev.score(state, "final_int6_sliding_window_exact", stride=ev.hp.eval_stride)
+    if ev.hp.ttt_mode == "chunk":
+        ev.model.load_state_dict(state, strict=True)
+        ttt = ChunkTTT(ev.compiled, ev.model, ev.tokens, ev.hp, ev.world, ev.rank, ev.log)
+        ev.score(state, "final_int6_ttt_exact", stride=ev.hp.eval_stride, adapter=ttt)
     artifact_bytes = os.path.getsize(path)
     ev.log(f"Total submission size int6+{ev.hp.compressor}: {artifact_bytes + code_bytes} bytes "
            f"(model {artifact_bytes} + code {code_bytes})")
-
 
 def with_artifact_config(hp: Hyperparameters, path: str) -> Hyperparameters:
     """The model shape comes from the artifact's header, whatever the env says."""
@@ -1875,7 +1873,6 @@ def with_artifact_config(hp: Hyperparameters, path: str) -> Hyperparameters:
     except (ConfigError, TypeError) as e:
         raise ArtifactError(f"{path}: the model config in its header is not usable ({e})") from None
     return hp
-
 
 # ------------------------------------------------------------------------------------------------------------- main
 class Logger:
@@ -1895,7 +1892,6 @@ class Logger:
         self.file.write(msg + "\n")
         self.file.flush()
 
-
 def setup_distributed() -> tuple[int, int, torch.device]:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -1909,7 +1905,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, device
 
-
 def counted_code(source: bytes) -> bytes:
     """The bytes a record counts for this script: its packed form by tools/pack.py (what make_record ships). A
     script without tools/ beside it (a record folder's, packed already) counts its own bytes."""
@@ -1921,13 +1916,11 @@ def counted_code(source: bytes) -> bytes:
     spec.loader.exec_module(pack)
     return pack.counted(source)
 
-
 def select_kernels(hp: Hyperparameters, device: torch.device, world: int, log) -> tuple[Hyperparameters, str]:
     """The start-up kernel choices at the training shapes: (hp with MLP_KERNEL resolved, the attention impl)."""
     micro_batch = max(1, hp.train_batch_tokens // (world * grad_accum_steps(hp, world) * hp.train_seq_len))
     attn_impl = select_attention(hp, device, micro_batch, log)
     return dataclasses.replace(hp, mlp_kernel=select_mlp_kernel(hp, device, log)), attn_impl
-
 
 def run(hp: Hyperparameters, rank: int, world: int, device: torch.device, log):
     """Train, export and score (or, with EVAL_ARTIFACT, only score)."""
@@ -1967,7 +1960,6 @@ def run(hp: Hyperparameters, rank: int, world: int, device: torch.device, log):
                                 f"limit (artifact kept at {artifact}; ALLOW_OVERSIZE=1 scores it anyway)")
     score_artifact(artifact, len(code), ev)
 
-
 def main():
     hp = Hyperparameters.from_env()
     rank, world, device = setup_distributed()
@@ -1986,7 +1978,6 @@ def main():
         # GIL before the interpreter shuts down (a thread that wants it during shutdown aborts the process)
         dist.barrier()
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     faulthandler.enable()  # a crash inside a native library still prints where each Python thread was

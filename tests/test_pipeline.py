@@ -52,11 +52,14 @@ def test_eval_sh_scores_an_artifact_alone(trained, tmp_path, dataset, tokenizer)
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "fineweb_val_000000.bin").write_bytes((dataset / "fineweb_val_000000.bin").read_bytes())
     r = run_train(tmp_path, tmp_path / "val", tokenizer, args=[str(d / "logs" / "t.int6.ptz")],
-                  NUM_LAYERS=5, RUN_ID="score")  # the shape comes from the artifact, not the env
+                  NUM_LAYERS=5, RUN_ID="score", TTT_MODE="chunk", TTT_CHUNK_TOKENS=2048)  # the shape: the artifact's
     assert r.returncode == 0, failure_tail(r)
     first = parse_log(str(d / "logs" / "t.txt"))
     again = parse_log(str(tmp_path / "logs" / "score.txt"))
     assert again["sliding_bpb"] == first["sliding_bpb"] and again["roundtrip_bpb"] == first["roundtrip_bpb"]
+    assert again["ttt_bpb"] != again["sliding_bpb"]  # score-first TTT: its own line, after the plain sliding score
+    assert re.search(r"ttt: (\d+) of \1 chunks adapted in [0-9.]+s of [0-9.]+s; the full val \(62,021,632 tokens\) "
+                     r"on 8 GPUs: ~\d+s", r.stdout), failure_tail(r)
 
 
 def test_oversize_artifact_is_an_error_that_says_by_how_much(tmp_path, dataset, tokenizer):

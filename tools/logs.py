@@ -18,6 +18,7 @@ _PATTERNS = {
     "pre_quant": rf"pre_quant_ema val_loss:{_NUM} val_bpb:{_NUM} eval_time:{_NUM}s",
     "roundtrip": rf"final_int6_roundtrip_exact val_loss:{_NUM} val_bpb:{_NUM} eval_time:{_NUM}s",
     "sliding": rf"final_int6_sliding_window_exact val_loss:{_NUM} val_bpb:{_NUM} eval_time:{_NUM}s",
+    "ttt": rf"final_int6_ttt_exact val_loss:{_NUM} val_bpb:{_NUM} eval_time:{_NUM}s",
     "total": rf"Total submission size \S+: {_NUM} bytes",
     "export": rf"artifact:\S+ {_NUM} bytes \((\w+)\) clip_floor:{_NUM} export_time:{_NUM}s",
     "hparams": r"hyperparameters: (\{.*\})",
@@ -67,12 +68,13 @@ def parse_log(path: str) -> dict:
 def summary(r: dict) -> str:
     def g(key, fmt="{}"):
         return fmt.format(r[key]) if key in r else "n/a"
-    eval_s = sum(r.get(k, 0.0) for k in ("roundtrip_eval_s", "sliding_eval_s"))
+    eval_s = sum(r.get(k, 0.0) for k in ("roundtrip_eval_s", "sliding_eval_s", "ttt_eval_s"))
     return (f"steps:{g('steps')} ms/step:{g('ms_per_step', '{:.1f}')} tok/s:{g('tokens_per_s', '{:,.0f}')} "
             f"pre_quant_bpb:{g('pre_quant_bpb', '{:.5f}')} "
             f"roundtrip_bpb:{g('roundtrip_bpb', '{:.5f}')} sliding_bpb:{g('sliding_bpb', '{:.5f}')} "
             f"bytes:{g('total_bytes')} train_s:{g('train_s', '{:.0f}')} export_s:{g('export_s', '{:.1f}')} "
-            f"eval_s:{eval_s:.1f}" + (f" calib_s:{r['calib_s']:.1f}" if "calib_s" in r else ""))
+            f"eval_s:{eval_s:.1f}" + (f" ttt_bpb:{r['ttt_bpb']:.5f} ttt_s:{r['ttt_eval_s']:.1f}" if "ttt_bpb" in r else "")
+            + (f" calib_s:{r['calib_s']:.1f}" if "calib_s" in r else ""))
 
 
 def main(argv=None) -> int:
