@@ -1,6 +1,7 @@
 """Score-first test-time training (TTT_MODE=chunk): a chunk is scored before the weights learn from it, a token
 never influences its own score or any earlier one, ranks split a chunk and agree with one process, the EMA scores,
 and the time budget stops adapting."""
+import re
 import socket
 
 import pytest
@@ -139,6 +140,14 @@ def test_the_budget_stops_adapting_and_says_so():
     _, result, ad, lines = ttt_losses(tokens, TTT_BUDGET_SECONDS=1e-9)
     assert result == pytest.approx(plain, rel=1e-12) and ad.adapted == 0
     assert any("TTT_BUDGET_SECONDS=1e-09 reached after 0 of" in line for line in lines)
+
+
+@pytest.mark.parametrize("setting, message", [(dict(TTT_MODE="lora"), "TTT_MODE='lora' is not one of off, chunk"),
+                                              (dict(TTT_EMA=1), "TTT_EMA=1.0 must be in [0, 1)"),
+                                              (dict(TTT_CHUNK_TOKENS=0), "TTT_CHUNK_TOKENS=0 must be at least 1")])
+def test_bad_ttt_settings_are_config_errors(setting, message):
+    with pytest.raises(tg.ConfigError, match=re.escape(message)):
+        ttt_hp(**setting)
 
 
 def test_frozen_parts_stay_fixed():
