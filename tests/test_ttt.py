@@ -2,7 +2,6 @@
 never influences its own score or any earlier one, ranks split a chunk and agree with one process, the EMA scores,
 and the time budget stops adapting."""
 import re
-import socket
 
 import pytest
 import torch
@@ -159,9 +158,9 @@ def test_frozen_parts_stay_fixed():
         assert torch.equal(p, q) == fixed, name
 
 
-def _ttt_on_rank(rank, world, port, out_path):
+def _ttt_on_rank(rank, world, store, out_path):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     _, result, _, _ = ttt_losses(stream(), world=world, rank=rank)
     if rank == 0:
         torch.save(result, out_path)
@@ -172,9 +171,6 @@ def test_two_processes_score_as_one(tmp_path):
     """Each rank scores its share of a span and trains on its rows of it; the summed gradients give one process's
     steps, so the score is one process's up to float rounding."""
     _, one, _, _ = ttt_losses(stream())
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_ttt_on_rank, args=(2, port, str(tmp_path / "r.pt")), nprocs=2)
+    torch.multiprocessing.spawn(_ttt_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "r.pt")), nprocs=2)
     two = torch.load(tmp_path / "r.pt")
     assert two == pytest.approx(one, rel=1e-5)
