@@ -151,7 +151,8 @@ def test_step_timing_phases_add_up_to_the_step(tmp_path, dataset, tokenizer):
 
 def test_launcher_runs_ranks_and_passes_the_first_failure_on(tmp_path):
     script = tmp_path / "rank.py"
-    script.write_text("import os, sys\nr = int(os.environ['RANK'])\nprint('rank', r, 'of', os.environ['WORLD_SIZE'])\n"
+    script.write_text("import os, sys\nr = int(os.environ['RANK'])\n"  # one write per line: the ranks share stdout
+                      "os.write(1, f\"rank {r} of {os.environ['WORLD_SIZE']}\\n\".encode())\n"
                       "sys.exit(2 if r == int(os.environ.get('FAIL_RANK', -1)) else 0)\n")
     launch = [sys.executable, str(ROOT / "eval" / "launch.py")]
     r = subprocess.run([*launch, "3", str(script)], capture_output=True, text=True, timeout=60)
