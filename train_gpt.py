@@ -99,6 +99,7 @@ class Hyperparameters:
     engram_orders: int = 2  # 1: bigrams; 2: bigrams and trigrams
     engram_dim: int = 32  # per head and order
     skip_gates: bool = False  # U-Net skips through a learned sigmoid gate: lerp(weight * skip, x, sigmoid(gate))
+    parallel_resid_start: int = 0  # first layer of two residual lanes (attention and MLP read one each); 0 = off
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
     attn_backend: str = "auto"  # auto: FA3 if it imports, else the fastest SDPA kernel | fa3 | cudnn | flash | efficient | math
@@ -232,6 +233,8 @@ class Hyperparameters:
              or self.quantizer != "gptq", "gptq_reserve_seconds", f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         need(0 <= self.byte_shuffle <= 15, "byte_shuffle", "must be between 0 (off) and 15")
         need(0 <= self.ttt_ema < 1, "ttt_ema", "must be in [0, 1): 0 = off, else the EMA's decay per chunk")
+        need(self.parallel_resid_start == 0 or self.num_layers // 2 <= self.parallel_resid_start < self.num_layers,
+             "parallel_resid_start", f"must be 0 (off) or a decoder layer ({self.num_layers // 2} to {self.num_layers - 1})")
         need(self.engram_orders in (1, 2), "engram_orders", "must be 1 (bigrams) or 2 (bigrams and trigrams)")
         need(self.eval_stride <= self.eval_seq_len, "eval_stride", f"must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.model_dim % self.num_heads == 0, "model_dim", f"must be a multiple of NUM_HEADS={self.num_heads}")
@@ -463,24 +466,10 @@ def relative_error(a: Tensor, ref: Tensor) -> float:
     """|a - ref| / |ref| in float64 (Frobenius norms)."""
     return ((a.double() - ref).norm() / ref.norm()).item()
 
-def median_cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
-    """Median milliseconds of fn() over `reps` CUDA-event-timed calls, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
-
 def select_attention(hp: Hyperparameters, device: torch.device, batch_seqs: int, log) -> str:
-    """ATTN_BACKEND resolved to an `attention` impl. auto: FA3 if it imports and matches a float64 reference, else
-    the SDPA kernel (cuDNN, flash, efficient) that matches it and runs forward+backward fastest at the training
-    shapes (batch_seqs sequences per micro-step). A named backend must pass the same check."""
+    """ATTN_BACKEND resolved to an `attention` impl. auto: the first of FA3 and the SDPA kernels cuDNN, flash,
+    efficient (fastest first on H100 and H200: tools/gpu_bench.py attention) that runs at the training shapes
+    (batch_seqs sequences per micro-step) and matches a float64 reference. A named backend must pass the same check."""
     if device.type != "cuda":
         log("attention: torch SDPA on CPU")
         return "sdpa"
@@ -491,31 +480,27 @@ def select_attention(hp: Hyperparameters, device: torch.device, batch_seqs: int,
             for _ in range(2))
     with sdpa_kernel(sdpa_backend("math")):
         ref = attention(*(t[:1].detach().double() for t in (q, k, v)), "sdpa")
-    names = ["fa3", "cudnn", "flash", "efficient"] if hp.attn_backend == "auto" else [hp.attn_backend]
-    timings, notes = {}, []
-    for name in names:
+    notes = []
+    for name in ["fa3", "cudnn", "flash", "efficient"] if hp.attn_backend == "auto" else [hp.attn_backend]:
         impl = "fa3" if name == "fa3" else "sdpa"
         try:
             with sdpa_kernel(sdpa_backend(name)) if impl == "sdpa" else contextlib.nullcontext(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # SDPA kernels that cannot take these inputs warn, then raise
-                err = relative_error(attention(q, k, v, impl)[:1], ref)
-                if err > 1e-2:
-                    notes.append(f"{name} rejected (relative error {err:.1e})")
-                    continue
-                timings[name] = 0.0 if impl == "fa3" else median_cuda_ms(lambda: attention(q, k, v, impl).sum().backward())
+                out = attention(q, k, v, impl)
+                out.sum().backward()
+                err = relative_error(out[:1], ref)
         except Exception as e:  # a kernel that cannot take these shapes or dtypes says so in various ways
             notes.append(f"{name} failed ({type(e).__name__}: {str(e)[:120]})")
-        if "fa3" in timings:
-            break
-    if not timings:
-        raise ConfigError(f"ATTN_BACKEND={hp.attn_backend}: no attention implementation runs correctly here ({'; '.join(notes)})")
-    name = min(timings, key=timings.get)
-    for kernel, setter in zip(SDPA_KERNELS, (torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.enable_flash_sdp,
-                                             torch.backends.cuda.enable_mem_efficient_sdp, torch.backends.cuda.enable_math_sdp)):
-        setter(name == "fa3" or kernel == name)
-    log(f"attention: {name} (fwd+bwd median ms at B={batch_seqs}: "
-        + ", ".join(f"{n}:{t:.2f}" for n, t in timings.items() if n != "fa3") + "".join(f"; {n}" for n in notes) + ")")
-    return "fa3" if name == "fa3" else "sdpa"
+            continue
+        if err > 1e-2:
+            notes.append(f"{name} rejected (relative error {err:.1e})")
+            continue
+        for kernel, setter in zip(SDPA_KERNELS, (torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.enable_flash_sdp,
+                                                 torch.backends.cuda.enable_mem_efficient_sdp, torch.backends.cuda.enable_math_sdp)):
+            setter(name == "fa3" or kernel == name)
+        log(f"attention: {name} (relative error {err:.1e} at B={batch_seqs}" + "".join(f"; {n}" for n in notes) + ")")
+        return impl
+    raise ConfigError(f"ATTN_BACKEND={hp.attn_backend}: no attention implementation runs correctly here ({'; '.join(notes)})")
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, hp: Hyperparameters, xsa: bool, attn_impl: str):
@@ -677,10 +662,18 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+        # two lanes: lanes[i, j] weighs output j (attention, MLP) into lane i (the one attention reads, MLP's); all
+        # ones at init, so the lanes stay equal and the block is x + attn(x) + mlp(x), GPT-J's parallel block
+        self.lanes = nn.Parameter(torch.ones(2, 2)) if 0 < hp.parallel_resid_start <= layer else None
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None) -> Tensor:
+        """x is (B, T, C), or with two lanes (2, B, T, C)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
+        if self.lanes is not None:
+            y = torch.stack((self.attn_scale.to(x.dtype) * self.attn(rms_norm(x[0]) * self.ln_scale, ve),
+                             self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x[1]) * self.ln_scale)))
+            return x + torch.einsum("ij,j...->i...", self.lanes.to(x.dtype), y)
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, ve)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
 
@@ -771,7 +764,7 @@ class GPT(nn.Module):
         self.ve = ValueEmbedding(hp.vocab_size, hp.ve_dim, hp.num_kv_heads * dim // hp.num_heads) if n_ve else None
         self.ve_layer_scales = nn.Parameter(torch.ones(n_ve)) if n_ve else None
         self.blocks = nn.ModuleList(Block(hp, i, attn_impl) for i in range(L))
-        self.n_enc = L // 2
+        self.n_enc, self.parallel_start = L // 2, hp.parallel_resid_start
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, L - self.n_enc), dim))
         for m in self.modules():
             if isinstance(m, CastedLinear):
@@ -798,6 +791,8 @@ class GPT(nn.Module):
         x0, skips = x, []
         ve = self.ve(ids, self.dtype) if self.ve is not None else None
         for i, block in enumerate(self.blocks):
+            if i == self.parallel_start > 0:  # from here on two lanes (the encoder, whose outputs skip, has one)
+                x = torch.stack((x, x))
             j = i - self.n_enc
             if 0 <= j < len(self.skip_weights):
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
@@ -806,7 +801,7 @@ class GPT(nn.Module):
             x = block(x, x0, ve_i)
             if i < self.n_enc:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x.mean(0) if self.parallel_start else x)
 
     def forward(self, ids: Tensor, targets: Tensor, per_token: bool = False) -> Tensor:
         logits = F.linear(self.hidden(ids), self.tok_emb.weight.to(self.dtype)).float()
@@ -1432,7 +1427,7 @@ class Quantizer:
         q gains, skip weights); fp16: the other small tensors."""
         if t.ndim == 2 and t.numel() > self.min_numel:
             return "int_embed" if name.endswith(("emb.weight", "embed.weight")) else "int"
-        return "fp32" if t.ndim < 2 or name.endswith(("resid_mix", "skip_weights", "skip_gates")) else "fp16"
+        return "fp32" if t.ndim < 2 or name.endswith(("resid_mix", "skip_weights", "skip_gates", "lanes")) else "fp16"
 
     def bits_of(self, name: str, kind: str) -> int:
         return self.bits_by_name.get(name, self.bits if kind == "int" else self.embed_bits)
@@ -1521,9 +1516,10 @@ CODECS = {"zstd": 1, "brotli": 2}
 MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "leaky_relu_slope",
               "rope_dims", "rope_base", "qk_gain_init", "ln_scale", "xsa_last_n", "ve_dim", "ve_last_n", "smear_gate",
               "bigram_vocab_size", "bigram_dim", "logit_softcap", "tied_embed_init_std", "leaky_relu_slopes",
-              "engram_buckets", "engram_heads", "engram_orders", "engram_dim", "skip_gates", "bigram_hash")
+              "engram_buckets", "engram_heads", "engram_orders", "engram_dim", "skip_gates", "bigram_hash",
+              "parallel_resid_start")
 MODEL_KEYS_ADDED_OFF = dict(leaky_relu_slopes="", engram_buckets=0, engram_heads=2, engram_orders=2, engram_dim=32,
-                            skip_gates=False, bigram_hash="mul")  # absent from older artifacts: off
+                            skip_gates=False, bigram_hash="mul", parallel_resid_start=0)  # absent from older artifacts
 
 def compress(raw: bytes, codec: str) -> bytes:
     try:

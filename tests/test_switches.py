@@ -12,7 +12,7 @@ from test_model import tiny_hp
 
 ALL_ON = dict(leaky_relu_slopes="-0.014,0.47", engram_buckets=64, engram_dim=8, skip_gates=1, muon_backend="turbo",
               muon_backend_steps=4, muon_row_norm=1, qat_soft_round=1, lr_floor=0.05, late_qat_threshold=0.5,
-              xsa_last_n=2, mlp_mult=3.5, qk_gain_init=4.0, muon_momentum=0.97)
+              xsa_last_n=2, mlp_mult=3.5, qk_gain_init=4.0, muon_momentum=0.97, parallel_resid_start=1)
 
 
 def test_each_layer_gets_its_own_slope():

@@ -27,6 +27,21 @@ import train_gpt as tg  # noqa: E402
 from cli import UsageError, run  # noqa: E402
 
 
+def median_cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of fn() over `reps` CUDA-event-timed calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 def bench_attention(B=48, T=2048, H=8, KV=4, D=64):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dev = torch.device("cuda")
@@ -46,8 +61,8 @@ def bench_attention(B=48, T=2048, H=8, KV=4, D=64):
                 out = fn(q, k, v)
                 grads = torch.autograd.grad(out, (q, k, v), dout)
                 errs = [tg.relative_error(t[:2], r) for t, r in zip((out, *grads), (ref_out, *ref_grads))]
-                fwd = tg.median_cuda_ms(lambda: fn(q, k, v), reps=20)
-                both = tg.median_cuda_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout), reps=20)
+                fwd = median_cuda_ms(lambda: fn(q, k, v), reps=20)
+                both = median_cuda_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout), reps=20)
         except Exception as e:  # report and go on: one broken kernel must not hide the others
             print(f"{label:24s} failed: {type(e).__name__}: {str(e)[:150]}")
             continue
@@ -89,13 +104,13 @@ def bench_mlp(M=48 * 2048, D=512, H=1536):
         step = lambda n=M: torch.autograd.grad(fn(x[:n]), (x, mlp.fc.weight, mlp.proj.weight), dout[:n])
         out, dx, dfc, dpr = fn(x[:4096]), *step(4096)
         errs = [tg.relative_error(t, r) for t, r in zip((out, dx[:4096], dfc, dpr), want)]
-        fwd = tg.median_cuda_ms(lambda: fn(x), reps=20)
-        both = tg.median_cuda_ms(step, reps=20)
+        fwd = median_cuda_ms(lambda: fn(x), reps=20)
+        both = median_cuda_ms(step, reps=20)
         print(f"{impl:8s} {fwd:8.3f} {both:8.3f} " + " ".join(f"{e:8.1e}" for e in errs))
     w_proj = ref.proj.weight.bfloat16().detach()
     saved = torch.relu(x.detach() @ ref.fc.weight.bfloat16().t()).square()  # act, what relu^2's backward reads
     down = torch.compile(lambda d, w, a: (d @ w) * 2 * a.sqrt())
-    print(f"d pre alone, ms: cuBLAS + inductor {tg.median_cuda_ms(lambda: down(dout, w_proj, saved), reps=20):.3f}")
+    print(f"d pre alone, ms: cuBLAS + inductor {median_cuda_ms(lambda: down(dout, w_proj, saved), reps=20):.3f}")
     print(f"{'BM BN BK warps stages':22s} {'ms':>7s}")
     for tiles in itertools.product((64, 128, 256), (64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4)):
         bm, bn, bk, warps, stages = tiles
@@ -104,7 +119,7 @@ def bench_mlp(M=48 * 2048, D=512, H=1536):
         if smem > 200_000 or not 64 * 128 <= bm * bn <= 128 * 256 or warps not in warps_ok:
             continue
         try:
-            ms = tg.median_cuda_ms(lambda: tg.launch_squared_act_grad(dout, w_proj, saved, slope, tiles), reps=10)
+            ms = median_cuda_ms(lambda: tg.launch_squared_act_grad(dout, w_proj, saved, slope, tiles), reps=10)
         except Exception as e:  # out of shared memory or registers: say so and go on
             print(f"{str(tiles):22s} failed: {type(e).__name__}")
             continue
@@ -121,7 +136,7 @@ def bench_orthogonalize(L=11):
     for method, steps in (("newton_schulz", 5), ("polar_express", 4), ("polar_express", 5)):
         torch._dynamo.reset()  # 3 configs x 4 shapes would pass dynamo's recompile limit and fall back to eager
         fn = torch.compile(tg.orthogonalize, dynamic=False)
-        ms = tg.median_cuda_ms(lambda: [fn(g, steps, method) for g in grads], reps=20)
+        ms = median_cuda_ms(lambda: [fn(g, steps, method) for g in grads], reps=20)
         sv = torch.linalg.svdvals(fn(grads[0], steps, method).float())
         print(f"{method:16s} {steps:5d} {ms:8.3f} {sv.min().item():7.3f} {sv.max().item():7.3f}")
 
@@ -130,10 +145,10 @@ def bench_ceilings():
     dev = torch.device("cuda")
     x = torch.randn(1 << 28, device=dev)
     y = torch.empty_like(x)
-    ms = tg.median_cuda_ms(lambda: y.copy_(x), reps=20)
+    ms = median_cuda_ms(lambda: y.copy_(x), reps=20)
     print(f"device copy: {2 * x.numel() * 4 / ms / 1e9:.0f} GB/s (read + write)")
     a, b = (torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    ms = tg.median_cuda_ms(lambda: a @ b, reps=20)
+    ms = median_cuda_ms(lambda: a @ b, reps=20)
     print(f"bf16 matmul 8192^3: {2 * 8192 ** 3 / ms / 1e9:.0f} TFLOP/s")
 
 

@@ -1,0 +1,67 @@
+"""Parallel residual lanes (PARALLEL_RESID_START), against explicit references."""
+import copy
+
+import pytest
+import torch
+
+import train_gpt as tg
+from test_model import tiny_hp
+
+
+def randomised(model: tg.GPT, keep=("lanes",)) -> tg.GPT:
+    """Every parameter but `keep` drawn at random, so that no zero-initialised projection hides a path."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(keep):
+                p.normal_(0, 0.2)
+    return model
+
+
+class GPTJBlock(torch.nn.Module):
+    """A block as GPT-J's parallel form: attention and MLP both read the mixed input, and both outputs are added."""
+
+    def __init__(self, block: tg.Block):
+        super().__init__()
+        self.b = block
+
+    def forward(self, x, x0, ve):
+        b = self.b
+        x = b.resid_mix[0] * x + b.resid_mix[1] * x0
+        return x + b.attn_scale * b.attn(tg.rms_norm(x) * b.ln_scale, ve) + b.mlp_scale * b.mlp(tg.rms_norm(x) * b.ln_scale)
+
+
+def test_lanes_at_init_are_gptj_parallel_blocks():
+    """All-ones lane weights keep the two lanes equal: from PARALLEL_RESID_START on, every block is GPT-J's parallel
+    block, and the layers before it are today's."""
+    hp = tiny_hp(num_layers=4, parallel_resid_start=2, skip_gates=1)
+    model = randomised(tg.GPT(hp, dtype=torch.float64).double())
+    assert [b.lanes is not None for b in model.blocks] == [False, False, True, True]
+    ref = tg.GPT(tiny_hp(num_layers=4, skip_gates=1), dtype=torch.float64).double()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("lanes")})
+    ref.blocks[2], ref.blocks[3] = GPTJBlock(ref.blocks[2]), GPTJBlock(ref.blocks[3])
+    ids = torch.randint(0, 320, (2, 12))
+    assert torch.allclose(model.hidden(ids), ref.hidden(ids), atol=1e-10)
+    sequential = copy.deepcopy(ref)
+    sequential.blocks[2], sequential.blocks[3] = ref.blocks[2].b, ref.blocks[3].b
+    assert not torch.allclose(model.hidden(ids), sequential.hidden(ids), atol=1e-3)  # the parallel form differs
+
+
+def test_each_lane_gets_each_output_by_its_weight():
+    """lanes[i, j] weighs output j (0: attention, which reads lane 0; 1: MLP, which reads lane 1) into lane i."""
+    hp = tiny_hp(num_layers=2, parallel_resid_start=1)
+    model = randomised(tg.GPT(hp, dtype=torch.float64).double(), keep=())
+    block = model.blocks[1]
+    x, x0 = torch.randn(2, 3, 5, hp.model_dim, dtype=torch.float64), torch.randn(3, 5, hp.model_dim, dtype=torch.float64)
+    mixed = block.resid_mix[0] * x + block.resid_mix[1] * x0
+    attn = block.attn_scale * block.attn(tg.rms_norm(mixed[0]) * block.ln_scale, None)
+    mlp = block.mlp_scale * block.mlp(tg.rms_norm(mixed[1]) * block.ln_scale)
+    w = block.lanes
+    want = torch.stack((mixed[0] + w[0, 0] * attn + w[0, 1] * mlp, mixed[1] + w[1, 0] * attn + w[1, 1] * mlp))
+    assert torch.allclose(block(x, x0, None), want, atol=1e-10)
+
+
+def test_lane_weights_are_exported_as_fp32_and_the_start_is_a_decoder_layer():
+    assert tg.Quantizer.from_hp(tiny_hp()).kind("blocks.7.lanes", torch.ones(2, 2)) == "fp32"
+    with pytest.raises(tg.ConfigError, match="PARALLEL_RESID_START=1 must be 0 \\(off\\) or a decoder layer \\(2 to 3\\)"):
+        tiny_hp(num_layers=4, parallel_resid_start=1)
