@@ -100,6 +100,10 @@ class Hyperparameters:
     engram_dim: int = 32  # per head and order
     skip_gates: bool = False  # U-Net skips through a learned sigmoid gate: lerp(weight * skip, x, sigmoid(gate))
     parallel_resid_start: int = 0  # first layer of two residual lanes (attention and MLP read one each); 0 = off
+    recur_layers: str = ""  # depth recurrence: these consecutive layers (e.g. 4,5) run again after their pass; "" = off
+    recur_loops: int = 1  # extra passes of RECUR_LAYERS
+    recur_start_frac: str = "0.5"  # the run fraction at which the extra passes switch on (one, or one per pass)
+    recur_untie_mlp: bool = False  # the extra passes have MLPs of their own (attention stays shared)
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
     attn_backend: str = "auto"  # auto: FA3 if it imports, else the fastest SDPA kernel | fa3 | cudnn | flash | efficient | math
@@ -124,9 +128,6 @@ class Hyperparameters:
     grad_clip_norm: float = 0.3
     # weight averaging and late QAT
     ema_frac: float = 0.047  # EMA time constant as a fraction of the run (0.997 at ~7,100 steps); 0 = off
-    swa_enabled: bool = False
-    swa_start_scale: float = 0.2  # SWA snapshots once the LR scale is below this
-    swa_every_frac: float = 0.007  # one snapshot per this fraction of the run (50 of ~7,100 steps)
     late_qat_threshold: float = 0.15  # fake-quantise block matrices once the LR scale is below this; 0 = off
     qat_soft_round: bool = False  # QAT rounds with a sigmoid whose sharpness ramps 1 -> 16 (differentiable)
     lr_floor: float = 0.0  # the warmdown ends at this LR scale instead of 0
@@ -185,6 +186,16 @@ class Hyperparameters:
         return tuple(float(p) for p in self.clip_percentiles.split(","))
 
     @property
+    def recur(self) -> tuple[int, ...]:
+        return tuple(int(i) for i in self.recur_layers.split(",")) if self.recur_layers else ()
+
+    @property
+    def recur_starts(self) -> tuple[float, ...]:
+        """The run fraction at which each extra pass switches on."""
+        starts = tuple(float(f) for f in self.recur_start_frac.split(","))
+        return starts * self.recur_loops if len(starts) == 1 else starts
+
+    @property
     def layer_slopes(self) -> tuple[float, ...]:
         """The MLP's leaky ReLU slope in each layer."""
         if not self.leaky_relu_slopes:
@@ -199,7 +210,7 @@ class Hyperparameters:
 
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_stride", "val_batch_size",
                      "train_log_every", "num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "bigram_dim",
-                     "ve_dim", "engram_heads", "engram_dim", "muon_backend_steps", "clock_sync_every", "size_limit",
+                     "ve_dim", "engram_heads", "engram_dim", "muon_backend_steps", "recur_loops", "clock_sync_every", "size_limit",
                      "gptq_calib_batches", "gptq_block", "ttt_chunk_tokens"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         for name in ("seed", "max_wallclock_seconds", "warmup_steps", "grad_accum_steps", "val_loss_every", "xsa_last_n",
@@ -209,9 +220,9 @@ class Hyperparameters:
                      "ttt_freeze_blocks", "ttt_budget_seconds"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         for name in ("warmdown_frac", "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_frac",
-                     "beta1", "beta2", "swa_start_scale", "lr_floor", "ttt_momentum"):
+                     "beta1", "beta2", "lr_floor", "ttt_momentum"):
             need(0 <= getattr(self, name) <= 1, name, "must be between 0 and 1")
-        for name in ("mlp_mult", "rope_base", "logit_softcap", "tied_embed_init_std", "adam_eps", "swa_every_frac", "ns_margin",
+        for name in ("mlp_mult", "rope_base", "logit_softcap", "tied_embed_init_std", "adam_eps", "ns_margin",
                      "sdclip_k", "sdclip_k_embed", "gptq_damp"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name, allowed in (("compressor", CODECS), ("quantizer", QUANTIZERS), ("muon_backend", QUINTIC_COEFFS),
@@ -235,6 +246,13 @@ class Hyperparameters:
         need(0 <= self.ttt_ema < 1, "ttt_ema", "must be in [0, 1): 0 = off, else the EMA's decay per chunk")
         need(self.parallel_resid_start == 0 or self.num_layers // 2 <= self.parallel_resid_start < self.num_layers,
              "parallel_resid_start", f"must be 0 (off) or a decoder layer ({self.num_layers // 2} to {self.num_layers - 1})")
+        need(parses(lambda: list(self.recur) == list(range(self.recur[0], self.recur[-1] + 1)) and self.recur[-1] < self.num_layers
+                    and len({i >= self.parallel_resid_start > 0 for i in self.recur}) == 1) if self.recur else True,
+             "recur_layers", f"must be consecutive layers below NUM_LAYERS={self.num_layers}, all before or all from "
+             f"PARALLEL_RESID_START")
+        need(parses(lambda: len(self.recur_starts) == self.recur_loops and all(0 <= f < 1 for f in self.recur_starts)
+                    and list(self.recur_starts) == sorted(self.recur_starts)), "recur_start_frac",
+             f"must be one fraction in [0, 1) or RECUR_LOOPS={self.recur_loops} increasing ones")
         need(self.engram_orders in (1, 2), "engram_orders", "must be 1 (bigrams) or 2 (bigrams and trigrams)")
         need(self.eval_stride <= self.eval_seq_len, "eval_stride", f"must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.model_dim % self.num_heads == 0, "model_dim", f"must be a multiple of NUM_HEADS={self.num_heads}")
@@ -267,17 +285,10 @@ def parse_env_value(name: str, raw: str, kind: type):
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
-class ConfigError(ValueError):
-    pass
-
-class DataError(RuntimeError):
-    pass
-
-class ArtifactError(RuntimeError):
-    pass
-
-class TrainingError(RuntimeError):
-    pass
+class ConfigError(ValueError): pass  # a setting that cannot work
+class DataError(RuntimeError): pass  # shards or tokenizer missing or wrong
+class ArtifactError(RuntimeError): pass  # an artifact that cannot be read or does not fit
+class TrainingError(RuntimeError): pass  # a run that cannot go on (a non-finite loss, a switch lost in compile)
 
 USER_ERRORS = (ConfigError, DataError, ArtifactError, TrainingError, OSError)  # one `error:` line, exit code 2
 
@@ -666,16 +677,17 @@ class Block(nn.Module):
         # ones at init, so the lanes stay equal and the block is x + attn(x) + mlp(x), GPT-J's parallel block
         self.lanes = nn.Parameter(torch.ones(2, 2)) if 0 < hp.parallel_resid_start <= layer else None
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None) -> Tensor:
-        """x is (B, T, C), or with two lanes (2, B, T, C)."""
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mlp: MLP | None = None) -> Tensor:
+        """x is (B, T, C), or with two lanes (2, B, T, C); `mlp` replaces the block's own (an untied recurrence pass)."""
+        mlp = self.mlp if mlp is None else mlp
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         if self.lanes is not None:
             y = torch.stack((self.attn_scale.to(x.dtype) * self.attn(rms_norm(x[0]) * self.ln_scale, ve),
-                             self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x[1]) * self.ln_scale)))
+                             self.mlp_scale.to(x.dtype) * mlp(rms_norm(x[1]) * self.ln_scale)))
             return x + torch.einsum("ij,j...->i...", self.lanes.to(x.dtype), y)
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, ve)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+        return x + self.mlp_scale.to(x.dtype) * mlp(rms_norm(x) * self.ln_scale)
 
 class SmearGate(nn.Module):
     """x_t <- (1 - g) * x_t + g * x_{t-1}, with a learned per-dimension gate g = sigmoid(w)."""
@@ -778,6 +790,15 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights)) if hp.skip_gates else None
         self.engram = EngramLite(hp.engram_buckets, hp.engram_heads, hp.engram_orders, hp.engram_dim, dim) \
             if hp.engram_buckets else None
+        self.recur, self.loops_on = hp.recur, hp.recur_loops if hp.recur else 0  # the training loop sets loops_on
+        self.recur_mlps = nn.ModuleList(MLP(dim, int(hp.mlp_mult * dim), hp.layer_slopes[i], hp.mlp_kernel)
+                                        for _ in range(hp.recur_loops) for i in hp.recur) if hp.recur_untie_mlp else None
+        for mlp in self.recur_mlps or []:  # as the blocks' MLPs start: the extra pass adds nothing at first
+            nn.init.orthogonal_(mlp.fc.weight)
+            nn.init.zeros_(mlp.proj.weight)
+
+    def layer_ve(self, ve: Tensor | None, i: int, dtype: torch.dtype) -> Tensor | None:
+        return ve * self.ve_layer_scales[i - self.ve_first].to(dtype) if ve is not None and i >= self.ve_first else None
 
     def hidden(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids).to(self.dtype)
@@ -797,10 +818,14 @@ class GPT(nn.Module):
             if 0 <= j < len(self.skip_weights):
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
                 x = x + skip if self.skip_gates is None else torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            ve_i = ve * self.ve_layer_scales[i - self.ve_first].to(x.dtype) if ve is not None and i >= self.ve_first else None
-            x = block(x, x0, ve_i)
+            x = block(x, x0, self.layer_ve(ve, i, x.dtype))
             if i < self.n_enc:
                 skips.append(x)
+            if self.recur and i == self.recur[-1]:  # depth recurrence: the layers again (the U-Net skips: first pass only)
+                for n in range(self.loops_on):
+                    for k, r in enumerate(self.recur):
+                        mlp = self.recur_mlps[n * len(self.recur) + k] if self.recur_mlps is not None else None
+                        x = self.blocks[r](x, x0, self.layer_ve(ve, r, x.dtype), mlp)
         return rms_norm(x.mean(0) if self.parallel_start else x)
 
     def forward(self, ids: Tensor, targets: Tensor, per_token: bool = False) -> Tensor:
@@ -814,6 +839,8 @@ def build_model(hp: Hyperparameters, device: torch.device, attn_impl: str) -> GP
     return GPT(hp, attn_impl, dtype).to(device)
 
 def maybe_compile(model: nn.Module, hp: Hyperparameters):
+    if hp.torch_compile:  # one graph per recurrence depth and QAT state (and the evaluation's): room for all
+        torch._dynamo.config.recompile_limit = 16
     return torch.compile(model, dynamic=False, fullgraph=True) if hp.torch_compile else model
 
 def quantized_linears(model: GPT, quant: Quantizer) -> list[CastedLinear]:
@@ -1003,23 +1030,22 @@ class Schedule:
     momentum_end: float
     momentum_warmup_frac: float
     ema_frac: float  # 0 = no EMA
-    swa_every_frac: float  # 0 = no SWA
-    swa_start_scale: float
     late_qat_threshold: float  # 0 = no QAT
     lr_floor: float = 0.0
+    recur_starts: tuple[float, ...] = ()  # where each depth-recurrence pass switches on
 
     @classmethod
     def from_hp(cls, hp: Hyperparameters) -> "Schedule":
         return cls(hp.iterations, 1000.0 * hp.train_seconds, hp.warmdown_frac, hp.muon_momentum_warmup_start,
-                   hp.muon_momentum, hp.muon_momentum_warmup_frac, hp.ema_frac,
-                   hp.swa_every_frac if hp.swa_enabled else 0.0, hp.swa_start_scale, hp.late_qat_threshold, hp.lr_floor)
+                   hp.muon_momentum, hp.muon_momentum_warmup_frac, hp.ema_frac, hp.late_qat_threshold, hp.lr_floor,
+                   hp.recur_starts if hp.recur else ())
 
     def progress(self, step: int, elapsed_ms: float) -> float:
         return max(step / self.iterations, elapsed_ms / self.cap_ms if self.cap_ms > 0 else 0.0)
 
     def warmdown(self, p: float) -> float:
         """1 until the warmdown (the last WARMDOWN_FRAC of the run), then linear to 0 at its end: the LR scale
-        without its floor, which also times SWA and late QAT."""
+        without its floor, which also times late QAT."""
         if self.warmdown_frac <= 0:
             return 1.0
         return max(0.0, min(1.0, (1.0 - p) / self.warmdown_frac))
@@ -1036,6 +1062,10 @@ class Schedule:
         """EMA decay for a step of dp progress: the time constant is EMA_FRAC of the run (0.997 per step at ~7,100)."""
         return math.exp(-dp / self.ema_frac) if self.ema_frac > 0 else 0.0
 
+    def recur_loops(self, p: float) -> int:
+        """Depth recurrence: the extra passes that run at progress p (each from its RECUR_START_FRAC)."""
+        return sum(p >= f for f in self.recur_starts)
+
     def qat(self, p: float) -> bool:
         """Late QAT: on once the warmdown is below LATE_QAT_THRESHOLD (and then to the end: it only falls)."""
         return self.late_qat_threshold > 0 and self.warmdown(p) < self.late_qat_threshold
@@ -1044,12 +1074,6 @@ class Schedule:
         """QAT_SOFT_ROUND's sigmoid sharpness: 1 where late QAT starts, linear to 16 at the end of the run."""
         start = 1.0 - self.late_qat_threshold * self.warmdown_frac
         return 1.0 + 15.0 * min(1.0, max(0.0, (p - start) / max(1.0 - start, 1e-9)))
-
-    def swa_slot(self, p: float) -> int | None:
-        """The SWA interval p falls in once the warmdown is below SWA_START_SCALE (one snapshot each), else None."""
-        if self.swa_every_frac <= 0 or self.warmdown(p) >= self.swa_start_scale:
-            return None
-        return int(p / self.swa_every_frac)
 
 class RunClock:
     """Training milliseconds so far (paused while validating). Under a time cap with several ranks every rank
@@ -1133,68 +1157,49 @@ def set_qat(layers: list[CastedLinear], quant: Quantizer | None):
     for m in layers:
         m.qat = quant
 
-def check_qat_switch(model: nn.Module, batch: tuple[Tensor, Tensor], layers: list[CastedLinear], quant: Quantizer):
-    """Late QAT must reach the compiled forward: at the same weights and batch the loss with fake quantisation
-    on must differ from the loss with it off (a switch that torch.compile folded into the graph would not)."""
+def check_switch(model: nn.Module, batch: tuple[Tensor, Tensor], switch, off, on, what: str, fix: str):
+    """A switch read in the compiled forward must reach it: at the same weights and batch the loss with it on must
+    differ from the loss with it off (a switch that torch.compile folded into the graph would not). Returns both."""
     losses = []
-    for q in (None, quant):
-        set_qat(layers, q)
+    for state in (off, on):
+        switch(state)
         losses.append(model(*batch).item())
-    set_qat(layers, None)
+    switch(off)
     if losses[0] == losses[1]:
-        raise TrainingError(f"late QAT does not change the compiled forward (loss {losses[0]:.6f} with and without): "
-                            "the switch was folded into the graph; LATE_QAT_THRESHOLD=0 trains without it")
+        raise TrainingError(f"{what} does not change the compiled forward (loss {losses[0]:.6f} with and without): "
+                            f"the switch was folded into the graph; {fix}")
     return losses
 
 def compile_warmup(parts: TrainingParts, hp: Hyperparameters, sched: Schedule, qat_layers, quant: Quantizer, log):
-    """WARMUP_STEPS steps so that torch.compile builds every graph the run needs (the middle third runs with QAT
-    on), a check that the QAT switch reaches the compiled forward, then the initial model, optimizer state and
-    data position are restored."""
+    """WARMUP_STEPS steps so that torch.compile builds every graph the run needs (in turn: each number of depth
+    recurrence passes, then late QAT with all of them), checks that the QAT and recurrence switches reach the
+    compiled forward, then the initial model, optimizer state and data position are restored."""
     if hp.warmup_steps <= 0:
         return
     initial = {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
     opt_states = parts.opt.state_dict()
+    loops, model = len(sched.recur_starts), parts.model
+    states = [(n, None) for n in range(loops + 1)] + ([(loops, quant)] if hp.late_qat_threshold > 0 and qat_layers else [])
     t0 = time.perf_counter()
     for i in range(hp.warmup_steps):
-        qat_on = hp.late_qat_threshold > 0 and hp.warmup_steps // 3 <= i < 2 * hp.warmup_steps // 3
-        set_qat(qat_layers, quant if qat_on else None)
+        model.loops_on, qat = states[i * len(states) // hp.warmup_steps]
+        set_qat(qat_layers, qat)
         train_step(parts, sched.lr_scale(0.0), sched.momentum(0.0))
     log(f"warmup:{hp.warmup_steps} steps in {time.perf_counter() - t0:.1f}s (compile included)")
+    batch = parts.loader.next_step()[0]
     if hp.late_qat_threshold > 0 and qat_layers:
-        off, on = check_qat_switch(parts.compiled, parts.loader.next_step()[0], qat_layers, quant)
+        off, on = check_switch(parts.compiled, batch, lambda q: set_qat(qat_layers, q), None, quant, "late QAT",
+                               "LATE_QAT_THRESHOLD=0 trains without it")
         log(f"qat_check: compiled loss {off:.6f} with fake quantisation off, {on:.6f} on")
+    if loops:
+        off, on = check_switch(parts.compiled, batch, lambda n: setattr(model, "loops_on", n), 0, loops,
+                               "depth recurrence", "RECUR_LAYERS unset trains without it")
+        log(f"recur_check: compiled loss {off:.6f} with no extra pass, {on:.6f} with {loops}")
     set_qat(qat_layers, None)
-    parts.model.load_state_dict(initial)
+    model.loops_on = sched.recur_loops(0.0)
+    model.load_state_dict(initial)
     parts.opt.load_state_dict(opt_states)
     parts.loader.reset()
-
-class WeightAverages:
-    """The EMA of the weights and the mean of SWA snapshots. `final` is what the run exports: the SWA mean if it
-    took snapshots, else the EMA, else the weights themselves."""
-
-    def __init__(self, weights: list[Tensor], ema: bool):
-        self.weights = weights  # views that follow the in-place optimizer updates
-        self.ema = [w.clone() for w in weights] if ema else None
-        self.swa, self.count, self.slot = None, 0, None
-
-    def update_ema(self, decay: float):
-        if self.ema is not None:
-            torch._foreach_lerp_(self.ema, self.weights, 1.0 - decay)
-
-    def snapshot(self, slot: int | None):
-        if slot is None or slot == self.slot:
-            return
-        self.slot, self.count = slot, self.count + 1
-        if self.swa is None:
-            self.swa = [w.clone() for w in self.weights]
-        else:
-            torch._foreach_add_(self.swa, self.weights)
-
-    def final(self, log) -> list[Tensor]:
-        if self.count:
-            log(f"swa: averaged {self.count} snapshots")
-            return [s / self.count for s in self.swa]
-        return self.ema if self.ema is not None else self.weights
 
 def collect_hessians(model: GPT, loader: TrainLoader, batches: int, quant: Quantizer, world: int) -> dict[str, Tensor]:
     """GPTQ's calibration: X^T X of the inputs of every matrix the export quantises, summed over the training
@@ -1261,21 +1266,21 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
     qat_layers = quantized_linears(parts.model, quant)
     compile_warmup(parts, hp, sched, qat_layers, quant, log)
     params = list(parts.model.parameters())
-    averages = WeightAverages([p.detach() for p in params], ema=hp.ema_frac > 0)
+    weights = [p.detach() for p in params]  # views that follow the in-place optimizer updates
+    ema = [w.clone() for w in weights] if hp.ema_frac > 0 else None  # the EMA is what the run exports
     clock = RunClock(device, world, hp.clock_sync_every, capped=sched.cap_ms > 0)
     qat_on, nonfinite = False, torch.zeros((), device=device, dtype=torch.bool)
     last_loss = torch.zeros((), device=device)
-    step, progress = 0, 0.0
+    step, progress, phases = 0, 0.0, [(0, 0.0)]  # phases: (step, ms) where each recurrence phase began
     clock.start()
     while True:
         elapsed_ms = clock.elapsed_ms(step)
         new_progress = sched.progress(step, elapsed_ms)
         stop = new_progress >= 1.0
-        if step > 0:
-            averages.update_ema(sched.ema_decay(new_progress - progress))
+        if step > 0 and ema is not None:
+            torch._foreach_lerp_(ema, weights, 1.0 - sched.ema_decay(new_progress - progress))
         progress = min(new_progress, 1.0)
         scale = sched.lr_scale(progress)
-        averages.snapshot(sched.swa_slot(progress))
         if step > 0 and (step % hp.train_log_every == 0 or step <= 10 or stop):
             stats = torch.stack((last_loss.float(), nonfinite.float()))
             if world > 1:
@@ -1297,6 +1302,11 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             log(f"late_qat:on step:{step} lr_scale:{scale:.3f}" + (" soft_round" if quant.sharpness is not None else ""))
         if qat_on and quant.sharpness is not None:
             quant.sharpness.fill_(sched.qat_sharpness(progress))
+        if sched.recur_loops(progress) != parts.model.loops_on:  # a graph the warm-up compiled: no compile here
+            phases.append((step, elapsed_ms))
+            parts.model.loops_on = sched.recur_loops(progress)
+            log(f"recur:{parts.model.loops_on} extra passes of layers {hp.recur_layers} from step:{step} "
+                f"({(elapsed_ms - phases[-2][1]) / max(step - phases[-2][0], 1):.2f} ms/step before)")
         last_loss = train_step(parts, scale, sched.momentum(progress))
         nonfinite |= ~torch.isfinite(last_loss)
         step += 1
@@ -1304,10 +1314,11 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
         torch.cuda.synchronize()
         log(f"peak_memory:{torch.cuda.max_memory_allocated() // 2**20}MiB")
     log(f"training done: {step} steps in {elapsed_ms / 1000:.1f}s ({elapsed_ms / max(step, 1):.2f} ms/step)")
-    final = averages.final(log)
+    if len(phases) > 1:
+        log(f"recur: {(elapsed_ms - phases[-1][1]) / max(step - phases[-1][0], 1):.2f} ms/step after the last switch")
     with torch.no_grad():
-        for p, f in zip(params, final):
-            p.copy_(f)
+        if ema is not None:
+            torch._foreach_copy_(weights, ema)
         if world > 1:  # a digest of the final weights: every rank must hold the same model
             digest = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params]).sum(0)
             lo, hi = digest.clone(), digest.clone()
@@ -1517,9 +1528,10 @@ MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_head
               "rope_dims", "rope_base", "qk_gain_init", "ln_scale", "xsa_last_n", "ve_dim", "ve_last_n", "smear_gate",
               "bigram_vocab_size", "bigram_dim", "logit_softcap", "tied_embed_init_std", "leaky_relu_slopes",
               "engram_buckets", "engram_heads", "engram_orders", "engram_dim", "skip_gates", "bigram_hash",
-              "parallel_resid_start")
-MODEL_KEYS_ADDED_OFF = dict(leaky_relu_slopes="", engram_buckets=0, engram_heads=2, engram_orders=2, engram_dim=32,
-                            skip_gates=False, bigram_hash="mul", parallel_resid_start=0)  # absent from older artifacts
+              "parallel_resid_start", "recur_layers", "recur_loops", "recur_untie_mlp")
+MODEL_KEYS_ADDED_OFF = dict(leaky_relu_slopes="", engram_buckets=0, engram_heads=2, engram_orders=2, engram_dim=32, skip_gates=False,
+                            bigram_hash="mul", parallel_resid_start=0, recur_layers="", recur_loops=1,
+                            recur_untie_mlp=False)  # absent from older artifacts
 
 def compress(raw: bytes, codec: str) -> bytes:
     try:

@@ -1,5 +1,6 @@
 """Parallel residual lanes (PARALLEL_RESID_START), against explicit references."""
 import copy
+import re
 
 import pytest
 import torch
@@ -65,3 +66,53 @@ def test_lane_weights_are_exported_as_fp32_and_the_start_is_a_decoder_layer():
     assert tg.Quantizer.from_hp(tiny_hp()).kind("blocks.7.lanes", torch.ones(2, 2)) == "fp32"
     with pytest.raises(tg.ConfigError, match="PARALLEL_RESID_START=1 must be 0 \\(off\\) or a decoder layer \\(2 to 3\\)"):
         tiny_hp(num_layers=4, parallel_resid_start=1)
+
+
+def unrolled_hidden(m: tg.GPT, ids, order):
+    """GPT.hidden written out for a layer order: a layer's first pass takes and gives the U-Net skips, a repeated
+    pass (the n-th time the layer runs) uses the n-th untied MLP of that layer, if any."""
+    dtype = m.dtype
+    x = m.smear(tg.rms_norm(m.tok_emb(ids).to(dtype) + m.bigram(ids, dtype)))
+    x0, ve, skips, runs = x, m.ve(ids, dtype), [], {}
+    for i in order:
+        n = runs[i] = runs.get(i, -1) + 1
+        if n == 0 and i >= m.n_enc:
+            x = x + m.skip_weights[i - m.n_enc] * skips.pop()
+        mlp = m.recur_mlps[(n - 1) * len(m.recur) + m.recur.index(i)] if n and m.recur_mlps is not None else None
+        x = m.blocks[i](x, x0, ve * m.ve_layer_scales[i - m.ve_first] if i >= m.ve_first else None, mlp)
+        if n == 0 and i < m.n_enc:
+            skips.append(x)
+    return tg.rms_norm(x)
+
+
+@pytest.mark.parametrize("untie", [0, 1])
+def test_recurrence_equals_the_unrolled_layers(untie):
+    """RECUR_LAYERS=1,2 with 2 extra passes on 4 layers runs 0, 1, 2, 1, 2, 1, 2, 3; with fewer passes on, fewer."""
+    hp = tiny_hp(num_layers=4, recur_layers="1,2", recur_loops=2, recur_untie_mlp=untie)
+    m = randomised(tg.GPT(hp, dtype=torch.float64).double(), keep=())
+    ids = torch.randint(0, 320, (2, 12))
+    assert m.loops_on == 2  # built with every pass on (the evaluation's model); training sets it by the schedule
+    for loops, order in ((2, [0, 1, 2, 1, 2, 1, 2, 3]), (1, [0, 1, 2, 1, 2, 3]), (0, [0, 1, 2, 3])):
+        m.loops_on = loops
+        assert torch.allclose(m.hidden(ids), unrolled_hidden(m, ids, order), atol=1e-10), loops
+    assert not torch.allclose(unrolled_hidden(m, ids, [0, 1, 2, 1, 2, 3]), unrolled_hidden(m, ids, [0, 1, 2, 3]))
+
+
+def test_recurrence_adds_no_weights_unless_its_mlps_are_untied():
+    plain = set(tg.GPT(tiny_hp(num_layers=4)).state_dict())
+    assert set(tg.GPT(tiny_hp(num_layers=4, recur_layers="1,2", recur_loops=2)).state_dict()) == plain
+    untied = set(tg.GPT(tiny_hp(num_layers=4, recur_layers="1,2", recur_loops=2, recur_untie_mlp=1)).state_dict())
+    assert untied - plain == {f"recur_mlps.{k}.{w}.weight" for k in range(4) for w in ("fc", "proj")}
+
+
+def test_recurrence_passes_switch_on_at_their_fractions():
+    sched = tg.Schedule.from_hp(tiny_hp(num_layers=4, recur_layers="1,2", recur_loops=2, recur_start_frac="0.5,0.65"))
+    assert [sched.recur_loops(p) for p in (0.0, 0.49, 0.5, 0.64, 0.65, 0.99)] == [0, 0, 1, 1, 2, 2]
+    assert tg.Schedule.from_hp(tiny_hp(num_layers=4, recur_layers="1,2", recur_loops=2)).recur_starts == (0.5, 0.5)
+    assert tg.Schedule.from_hp(tiny_hp(num_layers=4, recur_start_frac="0.3")).recur_loops(0.9) == 0  # off
+    for bad, message in ((dict(recur_layers="1,3"), "RECUR_LAYERS='1,3' must be consecutive layers"),
+                         (dict(recur_layers="2,3", parallel_resid_start=3), "all before or all from"),
+                         (dict(recur_layers="1", recur_start_frac="0.5,0.6"), "RECUR_START_FRAC='0.5,0.6' must be one"),
+                         (dict(recur_layers="1", recur_start_frac="1"), "must be one fraction in [0, 1)")):
+        with pytest.raises(tg.ConfigError, match=re.escape(message)):
+            tiny_hp(num_layers=4, **bad)

@@ -182,11 +182,14 @@ def test_qat_check_passes_a_working_switch_and_stops_a_folded_one():
     m, quant = perturbed_model(hp), tg.Quantizer.from_hp(hp)
     layers = tg.quantized_linears(m, quant)
     ids = torch.randint(0, hp.vocab_size, (2, 32))
-    off, on = tg.check_qat_switch(m, (ids, ids), layers, quant)
+    def check(ls):
+        return tg.check_switch(m, (ids, ids), lambda q: tg.set_qat(ls, q), None, quant, "late QAT", "")
+
+    off, on = check(layers)
     assert off != on and all(layer.qat is None for layer in layers)  # and it is off again afterwards
     assert off == m(ids, ids).item()
     with pytest.raises(tg.TrainingError, match="late QAT does not change the compiled forward"):
-        tg.check_qat_switch(m, (ids, ids), [tg.CastedLinear(64, 64)], quant)
+        check([tg.CastedLinear(64, 64)])
 
 
 def test_schedule_reaches_every_optimizer_after_a_state_restore():

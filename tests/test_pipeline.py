@@ -96,14 +96,6 @@ def test_nan_loss_stops_the_run(tmp_path, dataset, tokenizer):
     assert_one_error(r, "non-finite train loss")
 
 
-def test_swa_replaces_ema_when_on(tmp_path, dataset, tokenizer):
-    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=40, SWA_ENABLED=1, SWA_EVERY_FRAC=0.05, COMPRESSOR="zstd")
-    assert r.returncode == 0, failure_tail(r)
-    # LR scale < 0.2 over the last 0.2 * 0.49 of 40 steps = steps 37-40, one snapshot per 2 steps
-    n = int(re.search(r"swa: averaged (\d+) snapshots", r.stdout)[1])
-    assert 2 <= n <= 3
-
-
 def test_quickstart_runs_the_whole_job_on_the_cpu(tmp_path):
     """README's CPU quick start: shards and a tokenizer from a small text, then train, export and score."""
     t0 = time.time()

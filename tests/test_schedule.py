@@ -10,7 +10,7 @@ from test_model import tiny_hp
 
 
 def schedule(**kw) -> tg.Schedule:
-    defaults = dict(iterations=20000, max_wallclock_seconds=600, swa_enabled=1, swa_every_frac=0.007)
+    defaults = dict(iterations=20000, max_wallclock_seconds=600, recur_layers="1", recur_loops=2, recur_start_frac="0.3,0.55")
     return tg.Schedule.from_hp(tiny_hp(**{**defaults, **kw}))
 
 
@@ -55,15 +55,6 @@ def test_qat_switches_on_where_the_lr_scale_crosses_its_threshold():
     assert not any(schedule(late_qat_threshold=0).qat(i / 100) for i in range(101))
 
 
-def test_swa_takes_one_slot_per_interval_below_its_lr_scale():
-    s = schedule(warmdown_frac=0.5, swa_start_scale=0.2, swa_every_frac=0.01)
-    slots = [s.swa_slot(i / 10_000) for i in range(10_001)]
-    active = [i / 10_000 for i, slot in enumerate(slots) if slot is not None]
-    assert active[0] == pytest.approx(1 - 0.2 * 0.5, abs=2e-4)  # from lr_scale < 0.2 on
-    assert len({x for x in slots if x is not None}) == 11  # the last 10% of the run in 1% slots (and p = 1)
-    assert all(x is None for x in (schedule(swa_enabled=0).swa_slot(i / 100) for i in range(101)))
-
-
 @pytest.mark.parametrize("budget", [dict(iterations=100_000, max_wallclock_seconds=150),
                                     dict(iterations=100_000, max_wallclock_seconds=600),
                                     dict(iterations=1000, max_wallclock_seconds=0),
@@ -78,7 +69,8 @@ def test_a_run_of_any_length_has_the_same_shape(budget):
             p = s.progress(round(frac * budget["iterations"]), 0.0)
         q = ref.progress(round(frac * 20000), 0.0)
         assert p == pytest.approx(q)
-        assert (s.lr_scale(p), s.momentum(p), s.qat(p)) == pytest.approx((ref.lr_scale(q), ref.momentum(q), ref.qat(q)))
+        assert (s.lr_scale(p), s.momentum(p), s.qat(p), s.recur_loops(p)) == pytest.approx(
+            (ref.lr_scale(q), ref.momentum(q), ref.qat(q), ref.recur_loops(q)))
 
 
 def test_clock_leaves_out_paused_time():

@@ -1,6 +1,7 @@
 """The later records' switches, each against a reference: per-layer LeakyReLU slopes, EngramLite, gated U-Net
 skips, Turbo-Muon (AOL), MuonEq-R, soft-round QAT and the LR floor."""
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from test_model import tiny_hp
 
 ALL_ON = dict(leaky_relu_slopes="-0.014,0.47", engram_buckets=64, engram_dim=8, skip_gates=1, muon_backend="turbo",
               muon_backend_steps=4, muon_row_norm=1, qat_soft_round=1, lr_floor=0.05, late_qat_threshold=0.5,
-              xsa_last_n=2, mlp_mult=3.5, qk_gain_init=4.0, muon_momentum=0.97, parallel_resid_start=1)
+              xsa_last_n=2, mlp_mult=3.5, qk_gain_init=4.0, muon_momentum=0.97, parallel_resid_start=1,
+              recur_layers="1", recur_untie_mlp=1, recur_start_frac=0.3)
 
 
 def test_each_layer_gets_its_own_slope():
@@ -158,12 +160,12 @@ def test_soft_round_qat_uses_the_exports_row_scales():
 
 
 def test_lr_floor_and_the_soft_round_ramp():
-    s = tg.Schedule.from_hp(tiny_hp(warmdown_frac=0.5, lr_floor=0.05, late_qat_threshold=0.5, swa_enabled=1,
-                                    swa_start_scale=0.2, iterations=1000, max_wallclock_seconds=0))
+    s = tg.Schedule.from_hp(tiny_hp(warmdown_frac=0.5, lr_floor=0.05, late_qat_threshold=0.5,
+                                    iterations=1000, max_wallclock_seconds=0))
     assert s.lr_scale(0.4) == 1.0 and s.lr_scale(0.75) == pytest.approx(0.5) and s.lr_scale(1.0) == 0.05
     assert s.lr_scale(0.99) == 0.05 and s.warmdown(0.99) == pytest.approx(0.02)
-    # the floor moves the LR only: late QAT starts where the warmdown crosses 0.5, SWA where it crosses 0.2
-    assert not s.qat(0.749) and s.qat(0.751) and s.swa_slot(0.899) is None and s.swa_slot(0.901) is not None
+    # the floor moves the LR only: late QAT starts where the warmdown (not the floored LR) crosses 0.5
+    assert not s.qat(0.749) and s.qat(0.751)
     assert s.qat_sharpness(0.75) == pytest.approx(1.0) and s.qat_sharpness(0.875) == pytest.approx(8.5)
     assert s.qat_sharpness(1.0) == 16.0 and s.qat_sharpness(0.1) == 1.0
 
@@ -182,6 +184,7 @@ def test_every_switch_on_trains_exports_and_rescores(tmp_path, dataset, tokenize
     curve = log["train_curve"]
     assert curve[-1][2] < curve[0][2] - 0.5 and math.isfinite(log["sliding_bpb"])
     assert "late_qat:on" in r.stdout and "soft_round" in r.stdout and "qat_check" in r.stdout
+    assert "recur_check" in r.stdout and re.search(r"recur:1 extra passes of layers 1 from step:(8|9|10) ", r.stdout)
     again = run_train(tmp_path, dataset, tokenizer, args=[str(tmp_path / "logs" / "t.int6.ptz")], RUN_ID="again")
     assert again.returncode == 0, failure_tail(again)  # the shape (engram, gates, slopes) comes from the artifact
     assert parse_log(str(tmp_path / "logs" / "again.txt"))["sliding_bpb"] == log["sliding_bpb"]
