@@ -1172,20 +1172,22 @@ def check_switch(model: nn.Module, batch: tuple[Tensor, Tensor], switch, off, on
 
 def compile_warmup(parts: TrainingParts, hp: Hyperparameters, sched: Schedule, qat_layers, quant: Quantizer, log):
     """WARMUP_STEPS steps so that torch.compile builds every graph the run needs (in turn: each number of depth
-    recurrence passes, then late QAT with all of them), checks that the QAT and recurrence switches reach the
+    recurrence passes, then late QAT with each number it will meet), checks that the QAT and recurrence switches reach the
     compiled forward, then the initial model, optimizer state and data position are restored."""
     if hp.warmup_steps <= 0:
         return
     initial = {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
     opt_states = parts.opt.state_dict()
     loops, model = len(sched.recur_starts), parts.model
-    states = [(n, None) for n in range(loops + 1)] + ([(loops, quant)] if hp.late_qat_threshold > 0 and qat_layers else [])
+    qat_loops = range(sched.recur_loops(1 - hp.late_qat_threshold * hp.warmdown_frac), loops + 1)  # passes QAT meets
+    states = [(n, None) for n in range(loops + 1)] + [(n, quant) for n in qat_loops if hp.late_qat_threshold > 0 and qat_layers]
     t0 = time.perf_counter()
     for i in range(hp.warmup_steps):
         model.loops_on, qat = states[i * len(states) // hp.warmup_steps]
         set_qat(qat_layers, qat)
         train_step(parts, sched.lr_scale(0.0), sched.momentum(0.0))
-    log(f"warmup:{hp.warmup_steps} steps in {time.perf_counter() - t0:.1f}s (compile included)")
+    log(f"warmup:{hp.warmup_steps} steps in {time.perf_counter() - t0:.1f}s (compile included) graphs (extra passes, QAT):"
+        + "".join(f" {n}{'+qat' if q else ''}" for n, q in states))
     batch = parts.loader.next_step()[0]
     if hp.late_qat_threshold > 0 and qat_layers:
         off, on = check_switch(parts.compiled, batch, lambda q: set_qat(qat_layers, q), None, quant, "late QAT",
@@ -1269,8 +1271,7 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
     weights = [p.detach() for p in params]  # views that follow the in-place optimizer updates
     ema = [w.clone() for w in weights] if hp.ema_frac > 0 else None  # the EMA is what the run exports
     clock = RunClock(device, world, hp.clock_sync_every, capped=sched.cap_ms > 0)
-    qat_on, nonfinite = False, torch.zeros((), device=device, dtype=torch.bool)
-    last_loss = torch.zeros((), device=device)
+    qat_on, nonfinite, last_loss = False, torch.zeros((), device=device, dtype=torch.bool), torch.zeros((), device=device)
     step, progress, phases = 0, 0.0, [(0, 0.0)]  # phases: (step, ms) where each recurrence phase began
     clock.start()
     while True:

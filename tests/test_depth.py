@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import failure_tail, run_train
 from test_model import tiny_hp
 
 
@@ -116,3 +117,14 @@ def test_recurrence_passes_switch_on_at_their_fractions():
                          (dict(recur_layers="1", recur_start_frac="1"), "must be one fraction in [0, 1)")):
         with pytest.raises(tg.ConfigError, match=re.escape(message)):
             tiny_hp(num_layers=4, **bad)
+
+
+def test_the_warm_up_compiles_each_pass_count_with_and_without_qat_as_the_run_meets_them(tmp_path, dataset, tokenizer):
+    """A second pass that switches on after late QAT (0.9 > 1 - 0.5 * 0.49): QAT meets 1 and 2 passes, so both
+    graphs are compiled before the clock starts, and the run switches at 30% and 90%."""
+    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=30, COMPRESSOR="zstd", NUM_LAYERS=4, RECUR_LAYERS="1,2",
+                  RECUR_LOOPS=2, RECUR_START_FRAC="0.3,0.9", LATE_QAT_THRESHOLD=0.5, WARMUP_STEPS=5)
+    assert r.returncode == 0, failure_tail(r)
+    assert "graphs (extra passes, QAT): 0 1 2 1+qat 2+qat\n" in r.stdout
+    steps = [int(m) for m in re.findall(r"recur:\d extra passes of layers 1,2 from step:(\d+) ", r.stdout)]
+    assert steps == [9, 27] and "ms/step after the last switch" in r.stdout

@@ -185,6 +185,7 @@ def test_every_switch_on_trains_exports_and_rescores(tmp_path, dataset, tokenize
     assert curve[-1][2] < curve[0][2] - 0.5 and math.isfinite(log["sliding_bpb"])
     assert "late_qat:on" in r.stdout and "soft_round" in r.stdout and "qat_check" in r.stdout
     assert "recur_check" in r.stdout and re.search(r"recur:1 extra passes of layers 1 from step:(8|9|10) ", r.stdout)
+    assert "graphs (extra passes, QAT): 0 1 1+qat\n" in r.stdout  # every graph the run meets compiles in the warm-up
     again = run_train(tmp_path, dataset, tokenizer, args=[str(tmp_path / "logs" / "t.int6.ptz")], RUN_ID="again")
     assert again.returncode == 0, failure_tail(again)  # the shape (engram, gates, slopes) comes from the artifact
     assert parse_log(str(tmp_path / "logs" / "again.txt"))["sliding_bpb"] == log["sliding_bpb"]
