@@ -1070,9 +1070,12 @@ class Schedule:
         """Late QAT: on once the warmdown is below LATE_QAT_THRESHOLD (and then to the end: it only falls)."""
         return self.late_qat_threshold > 0 and self.warmdown(p) < self.late_qat_threshold
 
+    def qat_start(self) -> float:
+        return 1.0 - self.late_qat_threshold * self.warmdown_frac  # where the warmdown crosses LATE_QAT_THRESHOLD
+
     def qat_sharpness(self, p: float) -> float:
         """QAT_SOFT_ROUND's sigmoid sharpness: 1 where late QAT starts, linear to 16 at the end of the run."""
-        start = 1.0 - self.late_qat_threshold * self.warmdown_frac
+        start = self.qat_start()
         return 1.0 + 15.0 * min(1.0, max(0.0, (p - start) / max(1.0 - start, 1e-9)))
 
 class RunClock:
@@ -1179,7 +1182,7 @@ def compile_warmup(parts: TrainingParts, hp: Hyperparameters, sched: Schedule, q
     initial = {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
     opt_states = parts.opt.state_dict()
     loops, model = len(sched.recur_starts), parts.model
-    qat_loops = range(sched.recur_loops(1 - hp.late_qat_threshold * hp.warmdown_frac), loops + 1)  # passes QAT meets
+    qat_loops = range(sched.recur_loops(sched.qat_start()), loops + 1)  # the pass counts QAT will meet
     states = [(n, None) for n in range(loops + 1)] + [(n, quant) for n in qat_loops if hp.late_qat_threshold > 0 and qat_layers]
     t0 = time.perf_counter()
     for i in range(hp.warmup_steps):
@@ -1303,9 +1306,9 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             log(f"late_qat:on step:{step} lr_scale:{scale:.3f}" + (" soft_round" if quant.sharpness is not None else ""))
         if qat_on and quant.sharpness is not None:
             quant.sharpness.fill_(sched.qat_sharpness(progress))
-        if sched.recur_loops(progress) != parts.model.loops_on:  # a graph the warm-up compiled: no compile here
+        if (loops := sched.recur_loops(progress)) != parts.model.loops_on:  # a graph the warm-up compiled
             phases.append((step, elapsed_ms))
-            parts.model.loops_on = sched.recur_loops(progress)
+            parts.model.loops_on = loops
             log(f"recur:{parts.model.loops_on} extra passes of layers {hp.recur_layers} from step:{step} "
                 f"({(elapsed_ms - phases[-2][1]) / max(step - phases[-2][0], 1):.2f} ms/step before)")
         last_loss = train_step(parts, scale, sched.momentum(progress))
@@ -1754,11 +1757,10 @@ TTT_MODES = ("off", "chunk")
 FULL_VAL_TOKENS = 62_021_632  # the challenge's val split, for the eval-time projection
 
 class ChunkTTT(Adapter):
-    """TTT_MODE=chunk: `evaluate` scores each span of TTT_CHUNK_TOKENS predictions, then `adapt` takes TTT_EPOCHS
-    SGD steps (momentum, gradient clipped) on that span, the LR cosine-decayed over the spans; the next span is
-    scored by the new weights, or by their EMA (TTT_EMA). The last span is never trained on (nothing is left to
-    score). The embedding tables and the first TTT_FREEZE_BLOCKS blocks stay fixed. Ranks split a span's rows and
-    sum their gradients. Once TTT_BUDGET_SECONDS have passed, the rest is scored without adapting."""
+    """TTT_MODE=chunk: `evaluate` scores each span of TTT_CHUNK_TOKENS predictions, then `adapt` takes TTT_EPOCHS SGD
+    steps (momentum, clipped, LR cosine over the spans) on it; the next span is scored by the new weights or their EMA
+    (TTT_EMA). The last span is never trained on; embedding tables and the first TTT_FREEZE_BLOCKS blocks stay fixed.
+    Ranks split a span's rows and sum their gradients. After TTT_BUDGET_SECONDS the rest is scored without adapting."""
 
     def __init__(self, model: nn.Module, base: GPT, tokens: Tensor, hp: Hyperparameters, world: int, rank: int, log):
         self.model, self.tokens, self.hp, self.world, self.rank, self.log = model, tokens, hp, world, rank, log
@@ -1768,7 +1770,8 @@ class ChunkTTT(Adapter):
                        if not n.startswith(frozen) and not n.endswith(("emb.weight", "embed.weight"))]  # no recompile
         self.grads = attach_grad_buffer(self.params, (sum(p.numel() for p in self.params),))
         self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-        self.fast = [p.detach().clone() for p in self.params] if hp.ttt_ema > 0 else None
+        self.weights = [p.detach() for p in self.params]  # views: the foreach updates below change the model
+        self.fast = [w.clone() for w in self.weights] if hp.ttt_ema > 0 else None
         self.spans = sum(1 for _ in eval_spans(tokens.numel() - 1, seq, hp.eval_stride, self.span_preds, 0, 1))
         self.rows = -(-max(self.span_preds, seq) // seq // world) * world  # padded to a multiple of the ranks
         t0 = time.perf_counter()  # compile the training graph before the clock starts: token 0 rows, no step taken
@@ -1790,7 +1793,7 @@ class ChunkTTT(Adapter):
         """This rank's rows of predictions [start, end): (inputs, targets, mask), padding masked out."""
         seq = self.hp.eval_seq_len
         idx = start + torch.arange(self.rows * seq, device=self.tokens.device).view(self.rows, seq)
-        idx = idx[self.rank * self.rows // self.world:(self.rank + 1) * self.rows // self.world]
+        idx = rank_slice(idx, self.rank, self.world)
         mask, idx = idx < end, idx.clamp_max(end - 1)
         return self.tokens[idx], self.tokens[idx + 1], mask
 
@@ -1805,10 +1808,9 @@ class ChunkTTT(Adapter):
         t0 = time.perf_counter()
         for g in self.opt.param_groups:
             g["lr"] = self.hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * self.adapted / max(self.spans - 1, 1)))
-        weights = [p.detach() for p in self.params]
         if self.fast is not None:  # train the fast weights; the model holds their EMA for scoring
-            ema = [w.clone() for w in weights]
-            torch._foreach_copy_(weights, self.fast)
+            ema = [w.clone() for w in self.weights]
+            torch._foreach_copy_(self.weights, self.fast)
         x, y, mask = self.span_rows(start, end)
         for _ in range(self.hp.ttt_epochs):
             ((self.model(x, y, per_token=True) * mask).sum() / (end - start)).backward()
@@ -1819,13 +1821,14 @@ class ChunkTTT(Adapter):
             self.opt.step()
             self.grads.zero_()
         if self.fast is not None:
-            torch._foreach_copy_(self.fast, weights)
-            torch._foreach_lerp_(ema, weights, 1.0 - self.hp.ttt_ema)
-            torch._foreach_copy_(weights, ema)
+            torch._foreach_copy_(self.fast, self.weights)
+            torch._foreach_lerp_(ema, self.weights, 1.0 - self.hp.ttt_ema)
+            torch._foreach_copy_(self.weights, ema)
         self.adapted += 1
         self.adapt_s += time.perf_counter() - t0
 
-    def report(self, eval_s: float):
+    def report(self):
+        eval_s = time.perf_counter() - self.t0  # since the clock started: the TTT score's seconds
         self.log(f"ttt: {self.adapted} of {self.spans - 1} chunks adapted in {self.adapt_s:.1f}s of {eval_s:.1f}s; the "
                  f"full val ({FULL_VAL_TOKENS:,} tokens) on 8 GPUs: ~{eval_s * FULL_VAL_TOKENS / self.tokens.numel() * self.world / 8:.0f}s")
 
@@ -1849,10 +1852,7 @@ class EvalContext:
         t0 = time.perf_counter()
         loss, bpb = evaluate(self.compiled, self.tokens, self.tables, self.hp.eval_seq_len,
                              stride or self.hp.eval_seq_len, self.batch_seqs, self.rank, self.world, adapter)
-        took = time.perf_counter() - t0
-        self.log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{took:.1f}s")
-        if isinstance(adapter, ChunkTTT):
-            adapter.report(took)
+        self.log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{time.perf_counter() - t0:.1f}s")
         return loss, bpb
 
 def score_artifact(path: str, code_bytes: int, ev: EvalContext):
@@ -1861,10 +1861,10 @@ def score_artifact(path: str, code_bytes: int, ev: EvalContext):
     ev.log(f"artifact:{path} loaded and dequantised in {time.perf_counter() - t0:.1f}s")
     ev.score(state, "final_int6_roundtrip_exact")
     ev.score(state, "final_int6_sliding_window_exact", stride=ev.hp.eval_stride)
-    if ev.hp.ttt_mode == "chunk":
-        ev.model.load_state_dict(state, strict=True)
+    if ev.hp.ttt_mode == "chunk":  # the model holds the artifact's weights already (the scores above loaded them)
         ttt = ChunkTTT(ev.compiled, ev.model, ev.tokens, ev.hp, ev.world, ev.rank, ev.log)
         ev.score(state, "final_int6_ttt_exact", stride=ev.hp.eval_stride, adapter=ttt)
+        ttt.report()
     artifact_bytes = os.path.getsize(path)
     ev.log(f"Total submission size int6+{ev.hp.compressor}: {artifact_bytes + code_bytes} bytes "
            f"(model {artifact_bytes} + code {code_bytes})")

@@ -8,6 +8,7 @@ import torch
 
 import train_gpt as tg
 from conftest import TINY_ENV
+from test_eval import one_byte_tables
 
 N = 1200  # predictions in the test stream; with TTT_CHUNK_TOKENS=200, seq 64 and stride 16 the spans are
 SPAN1 = 192  # [0, 192), [192, 384), ...: whole sliding chunks (64, then 16 each) of at most 200 predictions
@@ -30,10 +31,6 @@ def tiny_model(hp: tg.Hyperparameters) -> tg.GPT:
 
 def stream(seed=1, n=N + 1) -> torch.Tensor:
     return torch.randint(2, 320, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def one_byte_tables(vocab=320):
-    return torch.ones(vocab, dtype=torch.int32), torch.zeros(vocab, dtype=torch.bool), torch.zeros(vocab, dtype=torch.bool)
 
 
 class Recording(tg.ChunkTTT):
@@ -63,7 +60,7 @@ def ttt_losses(tokens, adapter=Recording, world=1, rank=0, **env):
     hp = ttt_hp(**env)
     model, lines = tiny_model(hp), []
     ad = adapter(model, model, tokens, hp, world, rank, lines.append)
-    result = tg.evaluate(model, tokens, one_byte_tables(), hp.eval_seq_len, hp.eval_stride, 4, rank, world, ad)
+    result = tg.evaluate(model, tokens, one_byte_tables(320), hp.eval_seq_len, hp.eval_stride, 4, rank, world, ad)
     return torch.cat(ad.losses), result, ad, lines
 
 
@@ -78,7 +75,7 @@ class Scores(tg.Adapter):
 def plain_losses(tokens):
     """Each prediction's loss and the (loss, bpb) of the same model without TTT."""
     hp, rec = ttt_hp(), Scores()
-    result = tg.evaluate(tiny_model(hp), tokens, one_byte_tables(), hp.eval_seq_len, hp.eval_stride, 4, 0, 1, rec)
+    result = tg.evaluate(tiny_model(hp), tokens, one_byte_tables(320), hp.eval_seq_len, hp.eval_stride, 4, 0, 1, rec)
     return torch.cat(rec.losses), result
 
 
