@@ -90,7 +90,7 @@ while [ ${#slot_of[@]} -gt 0 ]; do finish_one; done
 
 failed=0
 for name in "${names[@]}"; do
-  if [ "${FRESH:-0}" != 1 ] && grep -qs "^final_int6_sliding_window_exact" "logs/$name.txt"; then
+  if grep -qs "^final_int6_sliding_window_exact" "logs/$name.txt"; then
     python3 tools/logs.py summary "logs/$name.txt"
   else
     echo "$name: failed ($(grep -h '^error:' "logs/$name.out" 2>/dev/null | head -1 || true); see logs/$name.out)"

@@ -205,7 +205,7 @@ def test_device_ablation_call_returns_its_logs_at_the_deadline(tmp_path, shared_
 
 def test_ablation_plan_runs_each_line_once(tmp_path, shared_data):
     """eval/ablate.sh: every plan line RUNS names is a proxy run with its env on top, two at a time; a finished
-    run is not run again; the summary comes in plan order."""
+    run is not run again (with FRESH=1 it is, and its summary says how it went); the summary comes in plan order."""
     plan = tmp_path / "plan.txt"
     plan.write_text("# a comment\nablate_test_a SEED=3\nablate_test_c SEED=5\n\nablate_test_b SEED=4 LEAKY_RELU_SLOPE=0.5\n")
     cmd = ["bash", str(ROOT / "eval" / "ablate.sh"), str(plan), str(shared_data)]
@@ -221,6 +221,10 @@ def test_ablation_plan_runs_each_line_once(tmp_path, shared_data):
         assert not (ROOT / "logs" / "ablate_test_c.txt").exists()
         again = subprocess.run(cmd, env=proxy_env(tmp_path, **only), capture_output=True, text=True, timeout=600)
         assert again.returncode == 0 and again.stdout.count("done already") == 2, failure_tail(again)
+        fresh = subprocess.run(cmd, env=proxy_env(tmp_path, FRESH="1", PROXY_SECONDS="2", RUNS="ablate_test_a"),
+                               capture_output=True, text=True, timeout=600)
+        assert fresh.returncode == 0 and "done already" not in fresh.stdout, failure_tail(fresh)
+        assert fresh.stdout.strip().splitlines()[-1].startswith("logs/ablate_test_a.txt: steps:")
     finally:
         for f in (ROOT / "logs").glob("ablate_test_*"):
             f.unlink()
