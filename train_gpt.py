@@ -7,23 +7,8 @@ config, data, model, optimizer, schedule, training, quantization/export, evaluat
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import contextlib
-import dataclasses
-import faulthandler
-import glob
-import hashlib
-import importlib.util
-import itertools
-import json
-import math
-import os
-import re
-import sys
-import time
-import warnings
-import zlib
+import collections, concurrent.futures, contextlib, dataclasses, faulthandler, glob, hashlib, importlib.util
+import itertools, json, math, os, re, sys, time, warnings, zlib
 from pathlib import Path
 
 import numpy as np
@@ -57,22 +42,26 @@ class Hyperparameters:
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 -> 8 // world_size
     train_log_every: int = 100
-    val_loss_every: int = 0  # 0 = only the final evaluation
     # evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
     val_batch_size: int = 524_288  # tokens per evaluation batch, all ranks together
     eval_artifact: str = ""  # score this artifact and exit (no training data is read)
     # test-time training, evaluation only and score first: a chunk of val trains the weights after it is scored
-    ttt_mode: str = "off"  # off | chunk (SGD on each scored chunk; the last chunk is never trained on)
+    ttt_mode: str = "chunk"  # off | chunk (SGD on each scored chunk; the last chunk is never trained on)
     ttt_chunk_tokens: int = 32_768  # predictions per chunk
-    ttt_lr: float = 0.002  # cosine-decayed over the chunks
+    ttt_lr: float = 0.01  # cosine-decayed over the chunks
     ttt_epochs: int = 3  # SGD steps on each chunk, each on the whole chunk
     ttt_momentum: float = 0.9
     ttt_grad_clip: float = 1.0  # 0 = no clip
-    ttt_freeze_blocks: int = 2  # the first blocks that stay fixed (the embedding tables always do)
+    ttt_freeze_blocks: int = 0  # the first blocks that stay fixed (the embedding tables always do)
     ttt_ema: float = 0.0  # 0: the adapted weights score; d: their EMA with decay d per chunk scores
     ttt_budget_seconds: float = 480.0  # past this the rest of val is scored without adapting; 0 = no limit
+    ttt_lora_rank: int = 8  # TTT_MODE=lora: each document's own low-rank deltas, (x @ A) @ B
+    ttt_lora_targets: str = "q,v,head"  # the matrices they add to: q, k, v, o (attention), up, down (MLP), head
+    ttt_lora_lr: float = 0.01  # Adam, one step after each scored chunk of a document
+    ttt_lora_chunk: int = 256  # predictions of each document scored before a step (the sp1024 LoRA record: 256)
+    ttt_lora_docs: int = 32  # documents side by side, one batch row each
     # model
     num_layers: int = 11
     model_dim: int = 512
@@ -175,26 +164,21 @@ class Hyperparameters:
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(int(b) for b in self.mixed_bits.split(","))
-
     @property
     def block_bits(self) -> int:
         """The block matrices' bits for late QAT and a fixed-width export (with mixed: the lowest width)."""
         return self.widths[0] if self.quant_bits == "mixed" else int(self.quant_bits)
-
     @property
     def percentiles(self) -> tuple[float, ...]:
         return tuple(float(p) for p in self.clip_percentiles.split(","))
-
     @property
     def recur(self) -> tuple[int, ...]:
         return tuple(int(i) for i in self.recur_layers.split(",")) if self.recur_layers else ()
-
     @property
     def recur_starts(self) -> tuple[float, ...]:
         """The run fraction at which each extra pass switches on."""
         starts = tuple(float(f) for f in self.recur_start_frac.split(","))
         return starts * self.recur_loops if len(starts) == 1 else starts
-
     @property
     def layer_slopes(self) -> tuple[float, ...]:
         """The MLP's leaky ReLU slope in each layer."""
@@ -211,13 +195,13 @@ class Hyperparameters:
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_stride", "val_batch_size",
                      "train_log_every", "num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "bigram_dim",
                      "ve_dim", "engram_heads", "engram_dim", "muon_backend_steps", "recur_loops", "clock_sync_every", "size_limit",
-                     "gptq_calib_batches", "gptq_block", "ttt_chunk_tokens"):
+                     "gptq_calib_batches", "gptq_block", "ttt_chunk_tokens", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_docs"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
-        for name in ("seed", "max_wallclock_seconds", "warmup_steps", "grad_accum_steps", "val_loss_every", "xsa_last_n",
+        for name in ("seed", "max_wallclock_seconds", "warmup_steps", "grad_accum_steps", "xsa_last_n",
                      "ve_last_n", "bigram_vocab_size", "engram_buckets", "rope_dims", "leaky_relu_slope", "matrix_lr", "tied_embed_lr",
                      "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm", "ema_frac", "late_qat_threshold",
                      "quant_min_numel", "quant_clip_floor", "gptq_reserve_seconds", "ttt_lr", "ttt_epochs", "ttt_grad_clip",
-                     "ttt_freeze_blocks", "ttt_budget_seconds"):
+                     "ttt_freeze_blocks", "ttt_budget_seconds", "ttt_lora_lr"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         for name in ("warmdown_frac", "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_frac",
                      "beta1", "beta2", "lr_floor", "ttt_momentum"):
@@ -244,6 +228,8 @@ class Hyperparameters:
              or self.quantizer != "gptq", "gptq_reserve_seconds", f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         need(0 <= self.byte_shuffle <= 15, "byte_shuffle", "must be between 0 (off) and 15")
         need(0 <= self.ttt_ema < 1, "ttt_ema", "must be in [0, 1): 0 = off, else the EMA's decay per chunk")
+        need(set(self.ttt_lora_targets.split(",")) <= set(LORA_TARGETS), "ttt_lora_targets",
+             f"must be a comma-separated list of {', '.join(LORA_TARGETS)}")
         need(self.parallel_resid_start == 0 or self.num_layers // 2 <= self.parallel_resid_start < self.num_layers,
              "parallel_resid_start", f"must be 0 (off) or a decoder layer ({self.num_layers // 2} to {self.num_layers - 1})")
         need(parses(lambda: list(self.recur) == list(range(self.recur[0], self.recur[-1] + 1)) and self.recur[-1] < self.num_layers
@@ -326,11 +312,9 @@ def list_shards(data_path: str, split: str) -> list[str]:
 
 class TokenStream:
     """Tokens of the shards in order, cycling forever."""
-
     def __init__(self, files: list[str], vocab_size: int = 1 << 16):
         self.files, self.vocab_size, self.file_idx, self.pos = files, vocab_size, 0, 0
         self.tokens = read_shard(files[0], vocab_size)
-
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
@@ -345,7 +329,6 @@ class TokenStream:
 class TrainLoader:
     """Each step reads one global batch; rank r, micro-step m gets slice m * world + r (disjoint, covering).
     A worker thread reads and pins the next step's tokens while the GPU runs this one."""
-
     def __init__(self, files, rank, world, accum, batch_tokens, seq_len, device, vocab_size=1 << 16):
         self.files, self.rank, self.world, self.accum = files, rank, world, accum
         self.seq_len, self.device, self.vocab_size = seq_len, device, vocab_size
@@ -422,20 +405,22 @@ def count_bytes(prev: Tensor, target: Tensor, tables) -> Tensor:
 class CastedLinear(nn.Linear):
     """fp32 master weight used in the activation dtype; `qat` (a Quantizer) turns on straight-through fake
     quantisation with the export's quantiser. It is an instance attribute, so torch.compile guards on it."""
-
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
         self.qat: Quantizer | None = None
-
+        self.lora: tuple[Tensor, Tensor] | None = None  # TTT_MODE=lora's per-document deltas (DocLoRA)
     def cast_weight(self, dtype: torch.dtype) -> Tensor:
         w = self.weight
         if self.qat is not None:
             w = self.qat.qat_weight(w)
         return w.to(dtype)
-
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.cast_weight(x.dtype))
+        return add_lora(self, x, F.linear(x, self.cast_weight(x.dtype)))
+
+def add_lora(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """y = m(x), plus the low-rank delta (x @ A[d]) @ B[d] of batch row d where DocLoRA set m.lora = (A, B)."""
+    return y if m.lora is None else y + (x @ m.lora[0].to(x.dtype)) @ m.lora[1].to(x.dtype)
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
@@ -531,7 +516,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         projs = (self.c_q, self.c_k, self.c_v)  # three Muon matrices, one matrix product per call
         qkv = F.linear(x, torch.cat([m.cast_weight(x.dtype) for m in projs]))
-        q, k, v = (t.view(B, T, -1, self.head_dim) for t in qkv.split([m.out_features for m in projs], dim=-1))
+        q, k, v = (add_lora(m, x, t).view(B, T, -1, self.head_dim)
+                   for m, t in zip(projs, qkv.split([m.out_features for m in projs], dim=-1)))
         if ve is not None:
             v = v + ve.view(B, T, self.kv_heads, self.head_dim)
         q = rms_norm(q) * self.q_gain.to(q.dtype)[:, None]
@@ -554,7 +540,7 @@ if triton is not None:
     def squared_act_grad_kernel(a_ptr, b_ptr, out_ptr, saved_ptr, M, N, K: tl.constexpr, s_am, s_ak, s_bn, s_bk,
                                 SLOPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """d pre = (A @ B.T) * d leaky(pre)^2 / d pre for A = d out (M, K) and B = W_proj.T (N, K), strided; out
-        and saved are contiguous (M, N). saved is pre, or act = relu(pre)^2 when SLOPE == 0: 2 relu(pre) = 2 sqrt(act)."""
+        and saved (the forward's pre) are contiguous (M, N)."""
         n_blocks = tl.cdiv(N, BN)
         pid = tl.program_id(0)  # consecutive programs share a row block of A: it is read once from HBM
         rm = ((pid // n_blocks) * BM + tl.arange(0, BM)).to(tl.int64)
@@ -568,10 +554,7 @@ if triton is not None:
             acc = tl.dot(a, b, acc)
         offs, mask = rm[:, None] * N + rn[None, :], (rm[:, None] < M) & (rn[None, :] < N)
         saved = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if SLOPE == 0:
-            acc = acc * 2.0 * tl.sqrt(saved)
-        else:
-            acc = acc * 2.0 * tl.where(saved > 0, saved, saved * SLOPE * SLOPE)
+        acc = acc * 2.0 * tl.where(saved > 0, saved, saved * SLOPE * SLOPE)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 def launch_squared_act_grad(d_out: Tensor, w_proj: Tensor, saved: Tensor, slope: float, tiles) -> Tensor:
@@ -584,7 +567,7 @@ def launch_squared_act_grad(d_out: Tensor, w_proj: Tensor, saved: Tensor, slope:
 
 @torch.library.custom_op("pgolf::squared_act_grad", mutates_args=())
 def squared_act_grad(d_out: Tensor, w_proj: Tensor, saved: Tensor, slope: float) -> Tensor:
-    """The MLP's d pre from d out (M, dim), W_proj (dim, hidden) and the forward's pre (or act when slope == 0)."""
+    """The MLP's d pre from d out (M, dim), W_proj (dim, hidden) and the forward's pre."""
     return launch_squared_act_grad(d_out, w_proj, saved.contiguous(), slope, MLP_GRAD_TILES)
 
 @squared_act_grad.register_fake
@@ -595,19 +578,18 @@ class SquaredActMLP(torch.autograd.Function):
     """leaky(x @ W_fc.T)^2 @ W_proj.T for 2-D x: the forward is plain torch (inductor fuses it with its
     neighbours); the backward multiplies d act = d out @ W_proj by the activation's derivative inside the
     matrix product's epilogue, so d act is never written to memory."""
-
     @staticmethod
     def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> Tensor:
         pre = x @ w_fc.t()
         act = squared_act(pre, slope)
         ctx.slope = slope
-        ctx.save_for_backward(x, w_fc, w_proj, act, *([pre] if slope else []))
+        ctx.save_for_backward(x, w_fc, w_proj, act, pre)
         return act @ w_proj.t()
 
     @staticmethod
     def backward(ctx, d_out: Tensor):
-        x, w_fc, w_proj, act, *pre = ctx.saved_tensors
-        d_pre = squared_act_grad(d_out, w_proj, pre[0] if pre else act, ctx.slope)
+        x, w_fc, w_proj, act, pre = ctx.saved_tensors
+        d_pre = squared_act_grad(d_out, w_proj, pre, ctx.slope)
         return d_pre @ w_fc, d_pre.t() @ x, d_out.t() @ act, None
 
 class MLP(nn.Module):
@@ -615,9 +597,8 @@ class MLP(nn.Module):
         super().__init__()
         self.fc, self.proj = CastedLinear(dim, hidden), CastedLinear(hidden, dim, zero_init=True)
         self.slope, self.fused = slope, kernel == "triton"
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused:
+        if self.fused and self.fc.lora is None and self.proj.lora is None:
             w_fc, w_proj = self.fc.cast_weight(x.dtype), self.proj.cast_weight(x.dtype)
             return SquaredActMLP.apply(x.reshape(-1, x.size(-1)), w_fc, w_proj, self.slope).view(*x.shape[:-1], -1)
         return self.proj(squared_act(self.fc(x), self.slope))
@@ -683,19 +664,18 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         if self.lanes is not None:
-            y = torch.stack((self.attn_scale.to(x.dtype) * self.attn(rms_norm(x[0]) * self.ln_scale, ve),
-                             self.mlp_scale.to(x.dtype) * mlp(rms_norm(x[1]) * self.ln_scale)))
-            return x + torch.einsum("ij,j...->i...", self.lanes.to(x.dtype), y)
+            a, m, w = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x[0]) * self.ln_scale, ve), \
+                self.mlp_scale.to(x.dtype) * mlp(rms_norm(x[1]) * self.ln_scale), self.lanes.to(x.dtype)
+            # pointwise: as an einsum, the 2x2 weight's gradient was a GEMM over B*T*C (+25% ms/step at 4 layers)
+            return x + torch.stack((w[0, 0] * a + w[0, 1] * m, w[1, 0] * a + w[1, 1] * m))
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, ve)
         return x + self.mlp_scale.to(x.dtype) * mlp(rms_norm(x) * self.ln_scale)
 
 class SmearGate(nn.Module):
     """x_t <- (1 - g) * x_t + g * x_{t-1}, with a learned per-dimension gate g = sigmoid(w)."""
-
     def __init__(self, dim: int):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
-
     def forward(self, x: Tensor) -> Tensor:
         g = torch.sigmoid(self.gate).to(x.dtype)
         return x + g * (F.pad(x[:, :-1], (0, 0, 1, 0)) - x)
@@ -704,7 +684,6 @@ BIGRAM_HASHES = ("mul", "xor")
 
 class BigramHash(nn.Module):
     """Embedding of a hash of (previous, current) token, projected to the model dim; zero-initialised table."""
-
     def __init__(self, buckets: int, dim: int, model_dim: int, hash_kind: str = "mul"):
         super().__init__()
         self.buckets, self.hash_kind = buckets, hash_kind
@@ -724,7 +703,6 @@ class EngramLite(nn.Module):
     predecessors picks a row of one shared table; the rows are concatenated, projected to the model dim (from zero)
     and scaled by a learned per-dimension sigmoid gate. Heads hash independently, so two n-grams that collide in
     one head rarely collide in all. A position reads only its own token and earlier ones."""
-
     def __init__(self, buckets: int, heads: int, orders: int, dim: int, model_dim: int):
         super().__init__()
         self.buckets, self.heads, self.orders = buckets, heads, orders
@@ -751,7 +729,6 @@ class EngramLite(nn.Module):
 
 class ValueEmbedding(nn.Module):
     """A token embedding shared by the last layers, projected to the KV width and added to V."""
-
     def __init__(self, vocab: int, dim: int, kv_dim: int):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
@@ -791,6 +768,7 @@ class GPT(nn.Module):
         self.engram = EngramLite(hp.engram_buckets, hp.engram_heads, hp.engram_orders, hp.engram_dim, dim) \
             if hp.engram_buckets else None
         self.recur, self.loops_on = hp.recur, hp.recur_loops if hp.recur else 0  # the training loop sets loops_on
+        self.lora: tuple[Tensor, Tensor] | None = None  # the output head's DocLoRA deltas (add_lora)
         self.recur_mlps = nn.ModuleList(MLP(dim, int(hp.mlp_mult * dim), hp.layer_slopes[i], hp.mlp_kernel)
                                         for _ in range(hp.recur_loops) for i in hp.recur) if hp.recur_untie_mlp else None
         for mlp in self.recur_mlps or []:  # as the blocks' MLPs start: the extra pass adds nothing at first
@@ -799,7 +777,6 @@ class GPT(nn.Module):
 
     def layer_ve(self, ve: Tensor | None, i: int, dtype: torch.dtype) -> Tensor | None:
         return ve * self.ve_layer_scales[i - self.ve_first].to(dtype) if ve is not None and i >= self.ve_first else None
-
     def hidden(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids).to(self.dtype)
         if self.bigram is not None:
@@ -829,7 +806,8 @@ class GPT(nn.Module):
         return rms_norm(x.mean(0) if self.parallel_start else x)
 
     def forward(self, ids: Tensor, targets: Tensor, per_token: bool = False) -> Tensor:
-        logits = F.linear(self.hidden(ids), self.tok_emb.weight.to(self.dtype)).float()
+        h = self.hidden(ids)
+        logits = add_lora(self, h, F.linear(h, self.tok_emb.weight.to(self.dtype))).float()
         logits = self.softcap * torch.tanh(logits / self.softcap)
         losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none" if per_token else "mean")
         return losses.view(targets.shape) if per_token else losses
@@ -911,7 +889,6 @@ class Muon(torch.optim.Optimizer):
     multiple of the world size. Each rank reduce-scatters a bank, applies Nesterov momentum to its slice and
     orthogonalises it with batched matmuls; the updates are all-gathered. Decoupled weight decay.
     Use: reduce_grads(), then step(grad_scale), then finish()."""
-
     def __init__(self, params, lr, momentum, ns_steps, wd, method="newton_schulz", world=1, compile_ns=False, row_norm=False,
                  margin=1.01):
         super().__init__(params, dict(lr=lr, momentum=momentum, wd=wd))
@@ -932,10 +909,8 @@ class Muon(torch.optim.Optimizer):
         if self.world == 1:
             return []
         return [REDUCE_SCATTER(mine, bank, async_op=True) for _, _, bank, mine in self.banks]
-
     def local_sq_norm(self) -> Tensor:
         return sum(mine.square().sum() for *_, mine in self.banks)
-
     @torch.no_grad()
     def step(self, grad_scale: Tensor):
         """Momentum and orthogonalisation of this rank's slices; starts the all-gathers."""
@@ -970,7 +945,6 @@ class Optimizers:
     """Muon for the block matrices, AdamW for embedding tables (embed LR) and scalars/gates/vectors (scalar
     LR). Every gradient lives in a preallocated buffer: one step sums them over ranks (Muon banks
     reduce-scattered, the AdamW buffer all-reduced), clips by the global norm, and updates. No host sync."""
-
     def __init__(self, model: GPT, hp: Hyperparameters, rank: int, world: int, compile_ns: bool):
         matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear)]
         tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
@@ -1013,7 +987,6 @@ class Optimizers:
 
     def state_dict(self) -> list[dict]:
         return [self.muon.state_dict(), self.adam.state_dict()]
-
     def load_state_dict(self, states: list[dict]):
         self.muon.load_state_dict(states[0])
         self.adam.load_state_dict(states[1])
@@ -1039,10 +1012,8 @@ class Schedule:
         return cls(hp.iterations, 1000.0 * hp.train_seconds, hp.warmdown_frac, hp.muon_momentum_warmup_start,
                    hp.muon_momentum, hp.muon_momentum_warmup_frac, hp.ema_frac, hp.late_qat_threshold, hp.lr_floor,
                    hp.recur_starts if hp.recur else ())
-
     def progress(self, step: int, elapsed_ms: float) -> float:
         return max(step / self.iterations, elapsed_ms / self.cap_ms if self.cap_ms > 0 else 0.0)
-
     def warmdown(self, p: float) -> float:
         """1 until the warmdown (the last WARMDOWN_FRAC of the run), then linear to 0 at its end: the LR scale
         without its floor, which also times late QAT."""
@@ -1052,52 +1023,39 @@ class Schedule:
 
     def lr_scale(self, p: float) -> float:
         return max(self.warmdown(p), self.lr_floor)
-
     def momentum(self, p: float) -> float:
         """Muon momentum: linear from its start to its end value over the first MUON_MOMENTUM_WARMUP_FRAC."""
         t = min(1.0, p / self.momentum_warmup_frac) if self.momentum_warmup_frac > 0 else 1.0
         return self.momentum_start + t * (self.momentum_end - self.momentum_start)
-
     def ema_decay(self, dp: float) -> float:
         """EMA decay for a step of dp progress: the time constant is EMA_FRAC of the run (0.997 per step at ~7,100)."""
         return math.exp(-dp / self.ema_frac) if self.ema_frac > 0 else 0.0
-
     def recur_loops(self, p: float) -> int:
         """Depth recurrence: the extra passes that run at progress p (each from its RECUR_START_FRAC)."""
         return sum(p >= f for f in self.recur_starts)
-
     def qat(self, p: float) -> bool:
         """Late QAT: on once the warmdown is below LATE_QAT_THRESHOLD (and then to the end: it only falls)."""
         return self.late_qat_threshold > 0 and self.warmdown(p) < self.late_qat_threshold
-
     def qat_start(self) -> float:
         return 1.0 - self.late_qat_threshold * self.warmdown_frac  # where the warmdown crosses LATE_QAT_THRESHOLD
-
     def qat_sharpness(self, p: float) -> float:
         """QAT_SOFT_ROUND's sigmoid sharpness: 1 where late QAT starts, linear to 16 at the end of the run."""
         start = self.qat_start()
         return 1.0 + 15.0 * min(1.0, max(0.0, (p - start) / max(1.0 - start, 1e-9)))
 
 class RunClock:
-    """Training milliseconds so far (paused while validating). Under a time cap with several ranks every rank
-    follows rank 0's clock, so all take the same LR, EMA decay and stop step: it is broadcast at every step up to
-    `sync_every`, then every `sync_every` steps, and extrapolated at the mean step time in between (one host sync
-    per `sync_every` steps; step 0's clock reads ~0, with no mean to extrapolate from)."""
-
+    """Training milliseconds since start(). Under a time cap with several ranks every rank follows rank 0's clock, so
+    all take the same LR, EMA decay and stop step: it is broadcast at every step up to `sync_every`, then every
+    `sync_every` steps, and extrapolated at the mean step time in between (step 0's clock reads ~0)."""
     def __init__(self, device: torch.device, world: int, sync_every: int, capped: bool):
         self.device, self.sync_every, self.shared = device, sync_every, capped and world > 1
-        self.train_ms, self.synced, self.t0 = 0.0, (0, 0.0), time.perf_counter()
-
+        self.synced, self.t0 = (0, 0.0), time.perf_counter()
     def start(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.t0 = time.perf_counter()
-
-    def local_ms(self) -> float:
-        return self.train_ms + 1000 * (time.perf_counter() - self.t0)
-
     def elapsed_ms(self, step: int) -> float:
-        ms = self.local_ms()
+        ms = 1000 * (time.perf_counter() - self.t0)
         if not self.shared:
             return ms
         if step <= self.sync_every or step % self.sync_every == 0:
@@ -1107,21 +1065,8 @@ class RunClock:
         at, ms = self.synced
         return ms + (step - at) * ms / max(at, 1)
 
-    @contextlib.contextmanager
-    def paused(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.train_ms = self.local_ms()
-        yield
-        self.t0 = time.perf_counter()
-
 # --------------------------------------------------------------------------------------------------------- training
-@dataclasses.dataclass
-class TrainingParts:
-    loader: TrainLoader
-    model: GPT
-    compiled: nn.Module
-    opt: Optimizers
+TrainingParts = collections.namedtuple("TrainingParts", "loader model compiled opt")  # TrainLoader, GPT, its compiled form, Optimizers
 
 def grad_accum_steps(hp: Hyperparameters, world: int) -> int:
     return hp.grad_accum_steps or max(1, 8 // world)
@@ -1261,8 +1206,7 @@ def calibrate(parts: TrainingParts, hp: Hyperparameters, quant: Quantizer, world
     log(msg)
     return hessians
 
-def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log,
-          ev: EvalContext) -> tuple[GPT, dict[str, Tensor]]:
+def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log) -> tuple[GPT, dict[str, Tensor]]:
     """The training loop; returns the final (averaged) model and, for GPTQ, the Hessians from its calibration."""
     parts = setup_training(hp, rank, world, device, attn_impl, log)
     sched, quant = Schedule.from_hp(hp), QUANTIZERS[hp.quantizer].from_hp(hp)
@@ -1295,9 +1239,6 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             log(f"step:{step}/{hp.iterations} train_loss:{stats[0].item() / world:.4f} train_time:{elapsed_ms / 1000:.1f}s "
                 f"step_avg:{avg:.2f}ms tok/s:{hp.train_batch_tokens / avg * 1000:,.0f} lr_scale:{scale:.3f} "
                 f"eta:{elapsed_ms * (1 - progress) / progress / 1000:.0f}s")
-        if hp.val_loss_every > 0 and step > 0 and (step % hp.val_loss_every == 0 or stop):
-            with clock.paused():
-                ev.score(parts.model.state_dict(), f"step:{step} val")
         if stop:
             break
         if not qat_on and sched.qat(progress):
@@ -1436,7 +1377,6 @@ class Quantizer:
     def from_hp(cls, hp: Hyperparameters) -> "Quantizer":
         return cls(hp.block_bits, hp.embed_quant_bits, hp.percentiles, hp.quant_clip_floor, hp.quant_min_numel,
                    clip_mode=hp.clip_mode, sdclip_k=hp.sdclip_k, sdclip_k_embed=hp.sdclip_k_embed)
-
     def kind(self, name: str, t: Tensor) -> str:
         """int: large matrices; int_embed: large embedding tables; fp32: control tensors (scales, gates, mixes,
         q gains, skip weights); fp16: the other small tensors."""
@@ -1446,7 +1386,6 @@ class Quantizer:
 
     def bits_of(self, name: str, kind: str) -> int:
         return self.bits_by_name.get(name, self.bits if kind == "int" else self.embed_bits)
-
     def round_to_rows(self, w: Tensor, bits: int, embed: bool = False) -> tuple[Tensor, Tensor]:
         """(int8 values, fp16 row scales) of a 2-D tensor: CLIP_MODE's scales, values rounded to the nearest step."""
         if self.clip_mode == "search":
@@ -1457,11 +1396,9 @@ class Quantizer:
     def quantize(self, name: str, w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         """(int8 values, fp16 row scales) of a 2-D tensor."""
         return self.round_to_rows(w, bits, embed=self.kind(name, w) == "int_embed")
-
     def fake_quantize(self, w: Tensor) -> Tensor:
         """A block matrix as the export's row quantiser stores it."""
         return dequantize_rows(*self.round_to_rows(w, self.bits)).to(w.dtype)
-
     def qat_weight(self, w: Tensor) -> Tensor:
         """A block matrix in late QAT's forward: the exported value with a straight-through gradient, or with
         QAT_SOFT_ROUND a soft rounding on the export's row scales that the gradient passes through."""
@@ -1483,7 +1420,6 @@ class GPTQ(Quantizer):
     @classmethod
     def from_hp(cls, hp: Hyperparameters) -> "GPTQ":
         return dataclasses.replace(super().from_hp(hp), damp=hp.gptq_damp, block=hp.gptq_block)
-
     def quantize(self, name: str, w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         if name not in self.hessians:
             return super().quantize(name, w, bits)
@@ -1533,9 +1469,6 @@ MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_head
               "bigram_vocab_size", "bigram_dim", "logit_softcap", "tied_embed_init_std", "leaky_relu_slopes",
               "engram_buckets", "engram_heads", "engram_orders", "engram_dim", "skip_gates", "bigram_hash",
               "parallel_resid_start", "recur_layers", "recur_loops", "recur_untie_mlp")
-MODEL_KEYS_ADDED_OFF = dict(leaky_relu_slopes="", engram_buckets=0, engram_heads=2, engram_orders=2, engram_dim=32, skip_gates=False,
-                            bigram_hash="mul", parallel_resid_start=0, recur_layers="", recur_loops=1,
-                            recur_untie_mlp=False)  # absent from older artifacts
 
 def compress(raw: bytes, codec: str) -> bytes:
     try:
@@ -1675,9 +1608,6 @@ def read_payload(path: str) -> bytes:
         raise ArtifactError(f"{path}: cannot decompress ({codec}): truncated or corrupt artifact ({e})") from None
     return shuffle_bytes(raw, stride, inverse=True)
 
-def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
-    return unpack_state(read_payload(path))
-
 # ------------------------------------------------------------------------------------------------------- evaluation
 def scored_chunks(num_preds: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """Split predictions [0, num_preds) into chunks each scored once: the first seq_len, then `stride` each.
@@ -1709,12 +1639,13 @@ def eval_spans(num_preds: int, seq_len: int, stride: int, span_preds: int, rank:
 
 def window_batch(tokens: Tensor, chunks: list[tuple[int, int]], seq_len: int, batch_seqs: int):
     """(inputs, targets, scored mask) of a fixed-shape batch (the compiled model sees one shape): chunk (s, e)
-    is scored by the window [max(0, e - seq_len), e); padding rows repeat the last window and are masked out."""
+    is scored by the window [max(0, e - seq_len), e), a chunk (s, e, floor) by [max(floor, e - seq_len), e) (a
+    document's own tokens); padding rows repeat the last window and are masked out."""
     device, n_real = tokens.device, len(chunks)
     chunks = chunks + [chunks[-1]] * (batch_seqs - n_real)
-    ends = torch.tensor([e for _, e in chunks], device=device)
-    scored_from = torch.tensor([s for s, _ in chunks], device=device)
-    idx = (ends - seq_len).clamp_min(0)[:, None] + torch.arange(seq_len, device=device)
+    scored_from, ends = (torch.tensor([c[i] for c in chunks], device=device) for i in (0, 1))
+    floors = torch.tensor([c[2] if len(c) > 2 else 0 for c in chunks], device=device)
+    idx = torch.maximum(ends - seq_len, floors)[:, None] + torch.arange(seq_len, device=device)
     mask = (idx >= scored_from[:, None]) & (idx < ends[:, None])
     mask[n_real:] = False
     idx = idx.clamp_max(tokens.numel() - 2)
@@ -1724,12 +1655,13 @@ class Adapter:
     """The score-then-adapt hook of `evaluate`. The stream is cut into spans of at most `span_preds` predictions
     (0: one span); all ranks score a span (`scored` sees each batch with its per-token losses), then every rank
     calls `adapt(start, end)`: the weights may learn from predictions [start, end), all scored already, and
-    nothing is scored twice. This one learns nothing."""
-    span_preds = 0
+    nothing is scored twice. `spans` may plan the scoring otherwise (DocLoRA). This one learns nothing."""
+    span_preds, batch_seqs = 0, 0  # batch_seqs: rows per scored batch (0: the evaluation's)
 
+    def spans(self, num_preds: int, seq_len: int, stride: int, rank: int, world: int):
+        return eval_spans(num_preds, seq_len, stride, self.span_preds, rank, world)
     def scored(self, x: Tensor, y: Tensor, mask: Tensor, losses: Tensor):
         pass
-
     def adapt(self, start: int, end: int):
         pass
 
@@ -1737,8 +1669,9 @@ def evaluate(model, tokens: Tensor, tables, seq_len: int, stride: int, batch_seq
              adapter: Adapter | None = None) -> tuple[float, float]:
     """Exact val loss (nats/token) and bpb; every prediction is scored exactly once across all ranks."""
     adapter = adapter or Adapter()
+    batch_seqs = adapter.batch_seqs or batch_seqs
     sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)  # loss, tokens, bytes
-    for (start, end), chunks in eval_spans(tokens.numel() - 1, seq_len, stride, adapter.span_preds, rank, world):
+    for (start, end), chunks in adapter.spans(tokens.numel() - 1, seq_len, stride, rank, world):
         with torch.no_grad():
             for i in range(0, len(chunks), batch_seqs):
                 x, y, mask = window_batch(tokens, chunks[i:i + batch_seqs], seq_len, batch_seqs)
@@ -1753,15 +1686,41 @@ def evaluate(model, tokens: Tensor, tables, seq_len: int, stride: int, batch_seq
     loss, ntok, nbytes = sums.tolist()
     return loss / ntok, loss / (math.log(2) * nbytes)
 
-TTT_MODES = ("off", "chunk")
+TTT_MODES = ("off", "chunk", "lora")
+LORA_TARGETS = ("q", "k", "v", "o", "up", "down", "head")
 FULL_VAL_TOKENS = 62_021_632  # the challenge's val split, for the eval-time projection
 
-class ChunkTTT(Adapter):
-    """TTT_MODE=chunk: `evaluate` scores each span of TTT_CHUNK_TOKENS predictions, then `adapt` takes TTT_EPOCHS SGD
-    steps (momentum, clipped, LR cosine over the spans) on it; the next span is scored by the new weights or their EMA
-    (TTT_EMA). The last span is never trained on; embedding tables and the first TTT_FREEZE_BLOCKS blocks stay fixed.
-    Ranks split a span's rows and sum their gradients. After TTT_BUDGET_SECONDS the rest is scored without adapting."""
+class TTT(Adapter):
+    """Both TTT modes: after a span is scored, `adapt` has the weights `learn` from it (never from the stream's last
+    span) until TTT_BUDGET_SECONDS have passed, then says so and scores the rest as they are; `finish` reports."""
+    synced = True  # the budget by rank 0's clock, so that every rank stops at the same span
+    def start_clock(self, steps: int, unit: str):
+        self.steps, self.unit, self.adapted, self.stopped, self.adapt_s, self.t0 = steps, unit, 0, False, 0.0, time.perf_counter()
+    def adapt(self, start: int, end: int):
+        if self.stopped or end >= self.tokens.numel() - 1:
+            return
+        flag = torch.tensor(float(0 < self.hp.ttt_budget_seconds < time.perf_counter() - self.t0), device=self.tokens.device)
+        if self.synced and self.world > 1:
+            dist.broadcast(flag, 0)
+        if flag.item():
+            self.stopped = True
+            self.log(f"ttt: TTT_BUDGET_SECONDS={self.hp.ttt_budget_seconds:g} reached after {self.adapted} of "
+                     f"{self.steps} {self.unit}: the rest is scored without adapting")
+            return
+        t0 = time.perf_counter()
+        self.learn(start, end)
+        self.adapted, self.adapt_s = self.adapted + 1, self.adapt_s + time.perf_counter() - t0
 
+    def finish(self):
+        eval_s = time.perf_counter() - self.t0  # since the clock started: the TTT score's seconds
+        full_s = eval_s * FULL_VAL_TOKENS / self.tokens.numel() * self.world / 8
+        self.log(f"ttt: {self.adapted} of {self.steps} {self.unit} adapted in {self.adapt_s:.1f}s of {eval_s:.1f}s; the "
+                 f"full val ({FULL_VAL_TOKENS:,} tokens) on 8 GPUs: ~{full_s:.0f}s")
+
+class ChunkTTT(TTT):
+    """TTT_MODE=chunk: after each span of TTT_CHUNK_TOKENS predictions, TTT_EPOCHS SGD steps (momentum, clipped, LR
+    cosine over the spans) on it; the next span is scored by the new weights or their EMA (TTT_EMA). Embedding tables
+    and the first TTT_FREEZE_BLOCKS blocks stay fixed. Ranks split a span's rows and sum their gradients."""
     def __init__(self, model: nn.Module, base: GPT, tokens: Tensor, hp: Hyperparameters, world: int, rank: int, log):
         self.model, self.tokens, self.hp, self.world, self.rank, self.log = model, tokens, hp, world, rank, log
         self.span_preds, seq = hp.ttt_chunk_tokens, hp.eval_seq_len
@@ -1772,22 +1731,15 @@ class ChunkTTT(Adapter):
         self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
         self.weights = [p.detach() for p in self.params]  # views: the foreach updates below change the model
         self.fast = [w.clone() for w in self.weights] if hp.ttt_ema > 0 else None
-        self.spans = sum(1 for _ in eval_spans(tokens.numel() - 1, seq, hp.eval_stride, self.span_preds, 0, 1))
+        spans = sum(1 for _ in eval_spans(tokens.numel() - 1, seq, hp.eval_stride, self.span_preds, 0, 1))
         self.rows = -(-max(self.span_preds, seq) // seq // world) * world  # padded to a multiple of the ranks
         t0 = time.perf_counter()  # compile the training graph before the clock starts: token 0 rows, no step taken
         zeros = torch.zeros(self.rows // world, seq, dtype=tokens.dtype, device=tokens.device)
         model(zeros, zeros, per_token=True).sum().backward()
         self.grads.zero_()
-        log(f"ttt: chunk {self.span_preds} tokens, {self.spans} chunks, {len(self.params)} tensors adapted; training "
+        log(f"ttt: chunk {self.span_preds} tokens, {spans} chunks, {len(self.params)} tensors adapted; training "
             f"graph warmed up in {time.perf_counter() - t0:.1f}s")
-        self.adapted, self.stopped, self.t0, self.adapt_s = 0, False, time.perf_counter(), 0.0
-
-    def over_budget(self) -> bool:
-        """Rank 0's clock decides, so that every rank stops at the same span."""
-        flag = torch.tensor(float(0 < self.hp.ttt_budget_seconds < time.perf_counter() - self.t0), device=self.tokens.device)
-        if self.world > 1:
-            dist.broadcast(flag, 0)
-        return bool(flag.item())
+        self.start_clock(spans - 1, "chunks")
 
     def span_rows(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's rows of predictions [start, end): (inputs, targets, mask), padding masked out."""
@@ -1797,17 +1749,9 @@ class ChunkTTT(Adapter):
         mask, idx = idx < end, idx.clamp_max(end - 1)
         return self.tokens[idx], self.tokens[idx + 1], mask
 
-    def adapt(self, start: int, end: int):
-        if self.stopped or end >= self.tokens.numel() - 1:
-            return
-        if self.over_budget():
-            self.stopped = True
-            self.log(f"ttt: TTT_BUDGET_SECONDS={self.hp.ttt_budget_seconds:g} reached after {self.adapted} of "
-                     f"{self.spans - 1} chunks: the rest is scored without adapting")
-            return
-        t0 = time.perf_counter()
+    def learn(self, start: int, end: int):
         for g in self.opt.param_groups:
-            g["lr"] = self.hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * self.adapted / max(self.spans - 1, 1)))
+            g["lr"] = self.hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * self.adapted / max(self.steps, 1)))
         if self.fast is not None:  # train the fast weights; the model holds their EMA for scoring
             ema = [w.clone() for w in self.weights]
             torch._foreach_copy_(self.weights, self.fast)
@@ -1824,21 +1768,82 @@ class ChunkTTT(Adapter):
             torch._foreach_copy_(self.fast, self.weights)
             torch._foreach_lerp_(ema, self.weights, 1.0 - self.hp.ttt_ema)
             torch._foreach_copy_(self.weights, ema)
-        self.adapted += 1
-        self.adapt_s += time.perf_counter() - t0
 
-    def report(self):
-        eval_s = time.perf_counter() - self.t0  # since the clock started: the TTT score's seconds
-        self.log(f"ttt: {self.adapted} of {self.spans - 1} chunks adapted in {self.adapt_s:.1f}s of {eval_s:.1f}s; the "
-                 f"full val ({FULL_VAL_TOKENS:,} tokens) on 8 GPUs: ~{eval_s * FULL_VAL_TOKENS / self.tokens.numel() * self.world / 8:.0f}s")
+def document_spans(tokens: Tensor, bos: int) -> list[tuple[int, int]]:
+    """Predictions [start, end) of each document: from its BOS (or the stream's first token) to the prediction of
+    the next document's BOS, so that every prediction of the stream belongs to exactly one document."""
+    starts = sorted({0, *torch.nonzero(tokens[:-1] == bos).flatten().tolist()})
+    return list(zip(starts, starts[1:] + [tokens.numel() - 1]))
+
+class DocLoRA(TTT):
+    """TTT_MODE=lora: each document is scored on its own (no window reaches into the one before) in chunks of
+    TTT_LORA_CHUNK predictions, TTT_LORA_DOCS documents side by side, a batch row each with its own rank-r deltas
+    (x @ A) @ B on the TTT_LORA_TARGETS matrices (A random, B zero: no change at first); after each chunk is scored,
+    one Adam step on its mean loss. Deltas and Adam's state start afresh with each batch (longest documents first), so
+    a document learns from its own scored tokens only; the artifact's weights never change. Ranks take whole batches."""
+    synced = False
+
+    def __init__(self, model: nn.Module, base: GPT, tokens: Tensor, hp: Hyperparameters, world: int, rank: int, log,
+                 bos: int):
+        self.model, self.tokens, self.hp, self.world, self.log = model, tokens, hp, world, log
+        self.span_preds, self.batch_seqs, D = hp.ttt_lora_chunk, hp.ttt_lora_docs, hp.ttt_lora_docs
+        docs = sorted(document_spans(tokens, bos), key=lambda d: d[0] - d[1])
+        self.batches = rank_slice(list(enumerate(docs[i:i + D] for i in range(0, len(docs), D))), rank, world)
+        role = {"attn.c_q": "q", "attn.c_k": "k", "attn.c_v": "v", "attn.proj": "o", "mlp.fc": "up", "mlp.proj": "down"}
+        targets = hp.ttt_lora_targets.split(",")
+        self.mods = [m for n, m in base.named_modules() if n.startswith("blocks.") and role.get(n.split(".", 2)[-1]) in targets]
+        self.mods += [base] * ("head" in targets)
+        for m in self.mods:
+            fan_in, fan_out = (hp.model_dim, hp.vocab_size) if m is base else (m.in_features, m.out_features)
+            m.lora = tuple(torch.zeros(D, *shape, device=tokens.device, requires_grad=True)
+                           for shape in ((fan_in, hp.ttt_lora_rank), (hp.ttt_lora_rank, fan_out)))
+        self.opt = torch.optim.Adam([t for m in self.mods for t in m.lora], lr=hp.ttt_lora_lr)
+        self.frozen = [p for p in base.parameters() if p.requires_grad]
+        for p in self.frozen:
+            p.requires_grad_(False)
+        t0, zeros = time.perf_counter(), torch.zeros(D, hp.eval_seq_len, dtype=tokens.dtype, device=tokens.device)
+        with torch.no_grad():  # the scoring and the training graph, compiled before the clock (B = 0: no change yet)
+            model(zeros, zeros, per_token=True)
+        model(zeros, zeros, per_token=True).sum().backward()
+        self.opt.zero_grad()
+        log(f"ttt: lora rank {hp.ttt_lora_rank} on {hp.ttt_lora_targets} ({len(self.mods)} matrices), {len(docs)} documents "
+            f"in batches of {D}, chunks of {self.span_preds} predictions; graphs warmed up in {time.perf_counter() - t0:.1f}s")
+        self.start_clock(sum(-(-(b[0][1] - b[0][0]) // self.span_preds) for _, b in self.batches), "steps")
+
+    def spans(self, num_preds: int, seq_len: int, stride: int, rank: int, world: int):
+        """Per batch of documents: fresh deltas (drawn by the batch's number, the same on any rank), then its chunks
+        in lockstep, a row (s, e, document start) each."""
+        for b, docs in self.batches:
+            gen = torch.Generator().manual_seed(b)
+            with torch.no_grad():
+                for a, z in (m.lora for m in self.mods):
+                    a.copy_(torch.randn(a.shape, generator=gen) / a.size(1) ** 0.5)
+                    z.zero_()
+            self.opt.state.clear()
+            for c in range(0, docs[0][1] - docs[0][0], self.span_preds):
+                rows = [(min(s + c, e), min(s + c + self.span_preds, e), s) for s, e in docs]
+                yield (0, 0), rows + [(0, 0, 0)] * (self.batch_seqs - len(rows))
+
+    def scored(self, x: Tensor, y: Tensor, mask: Tensor, losses: Tensor):
+        self.rows = (x, y, mask)
+    def learn(self, start: int, end: int):
+        x, y, mask = self.rows
+        ((self.model(x, y, per_token=True) * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
+        self.opt.step()
+        self.opt.zero_grad()
+    def finish(self):
+        for m in self.mods:
+            m.lora = None
+        for p in self.frozen:
+            p.requires_grad_(True)
+        super().finish()
 
 class EvalContext:
     """Validation tokens, byte tables and one compiled evaluation model whose weights are swapped in."""
-
     def __init__(self, hp, rank, world, device, attn_impl, log):
         self.hp, self.rank, self.world, self.log = hp, rank, world, log
         sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-        self.tables = tuple(t.to(device) for t in build_byte_tables(sp))
+        self.tables, self.bos = tuple(t.to(device) for t in build_byte_tables(sp)), sp.bos_id()
         val = load_val_tokens(hp.data_path, hp.eval_seq_len, hp.vocab_size)
         self.tokens = torch.from_numpy(val.astype(np.int64)).to(device)
         self.model = build_model(hp, device, attn_impl).eval()
@@ -1857,22 +1862,22 @@ class EvalContext:
 
 def score_artifact(path: str, code_bytes: int, ev: EvalContext):
     t0 = time.perf_counter()
-    _, state = read_artifact(path)
+    _, state = unpack_state(read_payload(path))
     ev.log(f"artifact:{path} loaded and dequantised in {time.perf_counter() - t0:.1f}s")
     ev.score(state, "final_int6_roundtrip_exact")
     ev.score(state, "final_int6_sliding_window_exact", stride=ev.hp.eval_stride)
-    if ev.hp.ttt_mode == "chunk":  # the model holds the artifact's weights already (the scores above loaded them)
-        ttt = ChunkTTT(ev.compiled, ev.model, ev.tokens, ev.hp, ev.world, ev.rank, ev.log)
+    if ev.hp.ttt_mode != "off":  # the model holds the artifact's weights already (the scores above loaded them)
+        ttt = ChunkTTT(ev.compiled, ev.model, ev.tokens, ev.hp, ev.world, ev.rank, ev.log) if ev.hp.ttt_mode == "chunk" \
+            else DocLoRA(ev.compiled, ev.model, ev.tokens, ev.hp, ev.world, ev.rank, ev.log, ev.bos)
         ev.score(state, "final_int6_ttt_exact", stride=ev.hp.eval_stride, adapter=ttt)
-        ttt.report()
+        ttt.finish()
     artifact_bytes = os.path.getsize(path)
     ev.log(f"Total submission size int6+{ev.hp.compressor}: {artifact_bytes + code_bytes} bytes "
            f"(model {artifact_bytes} + code {code_bytes})")
 
 def with_artifact_config(hp: Hyperparameters, path: str) -> Hyperparameters:
     """The model shape comes from the artifact's header, whatever the env says."""
-    config, _ = read_artifact(path)
-    config = {**MODEL_KEYS_ADDED_OFF, **config}
+    config, _ = unpack_state(read_payload(path))
     missing = [k for k in MODEL_KEYS if k not in config]
     try:
         if missing:
@@ -1886,13 +1891,10 @@ def with_artifact_config(hp: Hyperparameters, path: str) -> Hyperparameters:
 # ------------------------------------------------------------------------------------------------------------- main
 class Logger:
     """Rank 0 prints each line and appends it to logs/<RUN_ID>.txt; the other ranks stay quiet."""
-
     def __init__(self, path: str | None):
-        self.file = None
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", encoding="utf-8")
-
+        self.file = open(path, "a", encoding="utf-8") if path else None
     def __call__(self, msg: str, echo: bool = True):
         if self.file is None:
             return
@@ -1904,11 +1906,9 @@ class Logger:
 def setup_distributed() -> tuple[int, int, torch.device]:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1:
         cuda = device.type == "cuda"  # device_id binds the NCCL group to this GPU (barriers use it)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
@@ -1956,7 +1956,7 @@ def run(hp: Hyperparameters, rank: int, world: int, device: torch.device, log):
     hp, attn_impl = select_kernels(hp, device, world, log)
     ev = EvalContext(hp, rank, world, device, attn_impl, log)
     if not hp.eval_artifact:
-        model, hessians = train(hp, rank, world, device, attn_impl, log, ev)
+        model, hessians = train(hp, rank, world, device, attn_impl, log)
         ev.score(model.state_dict(), "pre_quant_ema")
         if rank == 0:
             export_artifact(artifact, {k: v.detach() for k, v in model.state_dict().items()}, hp, len(code), log,

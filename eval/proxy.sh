@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The proxy benchmark: each GPU trains on its share of the record batch (98,304 tokens, seq 2048, no
-# accumulation) for PROXY_SECONDS (150) on the proxy corpus, then the full export, roundtrip and
-# sliding-window scoring on the proxy val shard; last, one summary line.
+# accumulation) for PROXY_SECONDS (150) on the proxy corpus, then the full export, roundtrip, sliding-window and
+# test-time-training (TTT_MODE) scoring on the proxy val shard; last, one summary line.
 #
 #   bash eval/proxy.sh [SHARED_DATA_DIR]      (default ../shared/data)
 #   NPROC=2 bash eval/proxy.sh                (the global batch scales with the GPUs)

@@ -82,3 +82,23 @@ def assert_one_error(r: subprocess.CompletedProcess, text: str):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and text in errors[0], failure_tail(r)
     assert "Traceback" not in r.stderr, failure_tail(r)
+
+
+def _score_on_rank(rank, world, store, out_path, score):
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    result = score(world=world, rank=rank)
+    if rank == 0:
+        torch.save(result, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # no interpreter shutdown: a gloo thread that wants the GIL during it aborts the process
+
+
+def score_on_ranks(score, world: int, tmp_path: Path):
+    """Rank 0's result of score(world=, rank=) run in `world` gloo processes (score: a module-level function)."""
+    import torch
+    torch.multiprocessing.spawn(_score_on_rank, args=(world, str(tmp_path / "store"), str(tmp_path / "r.pt"), score),
+                                nprocs=world)
+    return torch.load(tmp_path / "r.pt")

@@ -61,7 +61,7 @@ def test_artifact_round_trip_gives_identical_logits(tmp_path, codec):
     m, state = trained_like_state(hp)
     path = str(tmp_path / "a.ptz")
     tg.write_artifact(path, state, hp, tg.Quantizer.from_hp(hp))
-    config, loaded = tg.read_artifact(path)
+    config, loaded = tg.unpack_state(tg.read_payload(path))
     assert config["num_layers"] == 2 and set(loaded) == set(state)
     # the reference: block matrices int6, embedding tables int8 (per-row search), control tensors fp32, rest fp16
     ref = {}
@@ -131,7 +131,7 @@ def test_corrupt_artifacts_fail_clearly(tmp_path, damage, message):
     tg.write_artifact(str(path), state, hp, tg.Quantizer.from_hp(hp))
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(tg.ArtifactError, match=message):
-        tg.read_artifact(str(path))
+        tg.unpack_state(tg.read_payload(str(path)))
 
 
 def test_flipped_payload_byte_fails_the_checksum(tmp_path):

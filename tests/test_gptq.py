@@ -1,5 +1,6 @@
 """QUANTIZER=gptq: the error-feedback rounding against an independent float64 formulation, its gain over
 rounding to the nearest step, SDClip's scales, and the calibration (training data only, summed over ranks)."""
+import os
 import socket
 
 import pytest
@@ -128,7 +129,9 @@ def _hessians_on_rank(rank, world, port, dataset, out_path):
     hessians = tg.collect_hessians(model, loader, 2, tg.QUANTIZERS["gptq"].from_hp(hp), world)
     if rank == 0:
         torch.save(hessians, out_path)
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # no interpreter shutdown: a gloo thread that wants the GIL during it aborts the process
 
 
 def test_hessians_of_two_processes_sum_to_one_process(tmp_path, dataset):

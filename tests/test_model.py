@@ -1,4 +1,5 @@
 """Settings, model pieces, the optimizer and late QAT."""
+import os
 import re
 
 import pytest
@@ -254,25 +255,24 @@ def test_banked_muon_equals_per_matrix_muon():
         assert torch.allclose(p, w * (1 - lr * wd) - lr * o, atol=1e-6)
 
 
-def _sharded_step(rank, world, port, weights, grads, out_path):
+def _sharded_step(rank, world, store, weights, grads, out_path):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     result = optimizer_step(weights, grads[rank], rank, world)
     if rank == 0:
         torch.save(result, out_path)
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # no interpreter shutdown: a gloo thread that wants the GIL during it aborts the process
 
 
 def test_sharded_step_on_two_processes_equals_one(tmp_path):
     """Two ranks with different local gradients (reduce-scatter, sharded orthogonalisation, all-gather) end
     with the weights one process gets from the mean gradient."""
-    import socket
     weights, grads = random_weights_and_grads(1, 2)
     one = optimizer_step(weights, [(a + b) / 2 for a, b in zip(*grads)])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_sharded_step, args=(2, port, weights, grads, str(tmp_path / "w.pt")), nprocs=2)
+    torch.multiprocessing.spawn(_sharded_step, args=(2, str(tmp_path / "store"), weights, grads, str(tmp_path / "w.pt")),
+                                nprocs=2)
     two = torch.load(tmp_path / "w.pt")
     for a, b in zip(one, two):
         assert torch.allclose(a, b, atol=1e-6)

@@ -46,19 +46,21 @@ def test_a_missing_codec_fails_before_training(tmp_path, dataset, tokenizer):
     assert "step:" not in r.stdout
 
 
-def test_eval_sh_scores_an_artifact_alone(trained, tmp_path, dataset, tokenizer):
+@pytest.mark.parametrize("ttt, unit", [(dict(TTT_MODE="chunk", TTT_CHUNK_TOKENS=2048), "chunks"),
+                                       (dict(TTT_MODE="lora", TTT_LORA_DOCS=4), "steps")])
+def test_eval_sh_scores_an_artifact_alone(trained, tmp_path, dataset, tokenizer, ttt, unit):
     d, _ = trained
     # a data dir with the val shard only: scoring must not need training data
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "fineweb_val_000000.bin").write_bytes((dataset / "fineweb_val_000000.bin").read_bytes())
     r = run_train(tmp_path, tmp_path / "val", tokenizer, args=[str(d / "logs" / "t.int6.ptz")],
-                  NUM_LAYERS=5, RUN_ID="score", TTT_MODE="chunk", TTT_CHUNK_TOKENS=2048)  # the shape: the artifact's
+                  NUM_LAYERS=5, RUN_ID="score", **ttt)  # the shape: the artifact's
     assert r.returncode == 0, failure_tail(r)
     first = parse_log(str(d / "logs" / "t.txt"))
     again = parse_log(str(tmp_path / "logs" / "score.txt"))
     assert again["sliding_bpb"] == first["sliding_bpb"] and again["roundtrip_bpb"] == first["roundtrip_bpb"]
     assert again["ttt_bpb"] != again["sliding_bpb"]  # score-first TTT: its own line, after the plain sliding score
-    assert re.search(r"ttt: (\d+) of \1 chunks adapted in [0-9.]+s of [0-9.]+s; the full val \(62,021,632 tokens\) "
+    assert re.search(rf"ttt: (\d+) of \1 {unit} adapted in [0-9.]+s of [0-9.]+s; the full val \(62,021,632 tokens\) "
                      r"on 8 GPUs: ~\d+s", r.stdout), failure_tail(r)
 
 
