@@ -20,7 +20,7 @@ from logs import parse_log, summary
 SCRIPT = b"print('the script that ran')\n"
 
 
-def fake_log(path, seed, sliding_loss, total=15_000_000, val_every=False, script=SCRIPT):
+def fake_log(path, seed, sliding_loss, total=15_000_000, val_every=False, script=SCRIPT, ttt_loss=None):
     lines = [f'hyperparameters: {{"seed": {seed}, "num_layers": 11, "run_id": "r{seed}"}}',
              f"code: train_gpt.py {len(script)} bytes sha256:{hashlib.sha256(script).hexdigest()}"]
     for s in (1, 100, 200):
@@ -33,6 +33,7 @@ def fake_log(path, seed, sliding_loss, total=15_000_000, val_every=False, script
               "artifact:logs/x.ptz 14950000 bytes (brotli) clip_floor:1.0000 export_time:80.0s",
               "final_int6_roundtrip_exact val_loss:2.44100000 val_bpb:1.46300000 eval_time:0.2s",
               f"final_int6_sliding_window_exact val_loss:{sliding_loss:.8f} val_bpb:{sliding_loss / 1.67:.8f} eval_time:8.0s",
+              *([f"final_int6_ttt_exact val_loss:{ttt_loss:.8f} val_bpb:{ttt_loss / 1.67:.8f} eval_time:20.0s"] if ttt_loss else []),
               f"Total submission size int6+brotli: {total} bytes (model 14950000 + code 50000)"]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -89,6 +90,14 @@ def test_record_folder_and_statistics(tmp_path):
     assert [p.name for p in (tmp_path / "records").iterdir()] == [folder.name]  # no temporary folder left
     with pytest.raises(UsageError, match="exists already"):
         record(tmp_path, logs)
+
+
+def test_a_record_scores_by_test_time_training_where_the_runs_had_it(tmp_path):
+    logs = [fake_log(tmp_path / f"s{seed}.txt", seed, 2.395, ttt_loss=l) for seed, l in ((1337, 2.390), (42, 2.392))]
+    folder, _ = record(tmp_path, logs)
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["val_loss"] == pytest.approx(2.391) and sub["val_bpb"] == pytest.approx(2.391 / 1.67)
+    assert "| 1337 | 200 | 90.00 | 1.46200 | 1.46300 | 2.39500 | 1.43413 | 2.39000 | 1.43114 |" in (folder / "README.md").read_text()
 
 
 def test_record_ships_the_packed_script_the_runs_counted(tmp_path):
