@@ -205,9 +205,11 @@ def test_device_ablation_call_returns_its_logs_at_the_deadline(tmp_path, shared_
 
 def test_ablation_plan_runs_each_line_once(tmp_path, shared_data):
     """eval/ablate.sh: every plan line RUNS names is a proxy run with its env on top, two at a time; a finished
-    run is not run again (with FRESH=1 it is, and its summary says how it went); the summary comes in plan order."""
+    run is not run again (with FRESH=1 it is, and its summary says how it went); the summary comes in plan order; a
+    line with EVAL_ARTIFACT scores an artifact without training."""
     plan = tmp_path / "plan.txt"
-    plan.write_text("# a comment\nablate_test_a SEED=3\nablate_test_c SEED=5\n\nablate_test_b SEED=4 LEAKY_RELU_SLOPE=0.5\n")
+    plan.write_text("# a comment\nablate_test_a SEED=3\nablate_test_c SEED=5\n\nablate_test_b SEED=4 LEAKY_RELU_SLOPE=0.5\n"
+                    "ablate_test_e EVAL_ARTIFACT=logs/ablate_test_a.int6.ptz TTT_MODE=lora TTT_LORA_DOCS=4\n")
     cmd = ["bash", str(ROOT / "eval" / "ablate.sh"), str(plan), str(shared_data)]
     only = {"RUNS": "ablate_test_b ablate_test_a"}
     try:
@@ -225,6 +227,11 @@ def test_ablation_plan_runs_each_line_once(tmp_path, shared_data):
                                capture_output=True, text=True, timeout=600)
         assert fresh.returncode == 0 and "done already" not in fresh.stdout, failure_tail(fresh)
         assert fresh.stdout.strip().splitlines()[-1].startswith("logs/ablate_test_a.txt: steps:")
+        scored = subprocess.run(cmd, env=proxy_env(tmp_path, RUNS="ablate_test_e"), capture_output=True, text=True,
+                                timeout=600)  # a line with EVAL_ARTIFACT only scores a run's artifact
+        assert scored.returncode == 0, failure_tail(scored)
+        e, a = (parse_log(str(ROOT / "logs" / f"ablate_test_{x}.txt")) for x in "ea")
+        assert "steps" not in e and e["sliding_bpb"] == a["sliding_bpb"] and "ttt_bpb" in e
     finally:
         for f in (ROOT / "logs").glob("ablate_test_*"):
             f.unlink()
