@@ -1735,7 +1735,7 @@ class ChunkTTT(TTT):
         self.rows = -(-max(self.span_preds, seq) // seq // world) * world  # padded to a multiple of the ranks
         t0 = time.perf_counter()  # compile the training graph before the clock starts: token 0 rows, no step taken
         zeros = torch.zeros(self.rows // world, seq, dtype=tokens.dtype, device=tokens.device)
-        model(zeros, zeros, per_token=True).sum().backward()
+        model(zeros, zeros.clone(), per_token=True).sum().backward()  # two tensors: one twice compiles for aliased inputs
         self.grads.zero_()
         log(f"ttt: chunk {self.span_preds} tokens, {spans} chunks, {len(self.params)} tensors adapted; training "
             f"graph warmed up in {time.perf_counter() - t0:.1f}s")
@@ -1803,8 +1803,8 @@ class DocLoRA(TTT):
             p.requires_grad_(False)
         t0, zeros = time.perf_counter(), torch.zeros(D, hp.eval_seq_len, dtype=tokens.dtype, device=tokens.device)
         with torch.no_grad():  # the scoring and the training graph, compiled before the clock (B = 0: no change yet)
-            model(zeros, zeros, per_token=True)
-        model(zeros, zeros, per_token=True).sum().backward()
+            model(zeros, zeros.clone(), per_token=True)
+        model(zeros, zeros.clone(), per_token=True).sum().backward()  # two tensors (ChunkTTT's warm-up says why)
         self.opt.zero_grad()
         log(f"ttt: lora rank {hp.ttt_lora_rank} on {hp.ttt_lora_targets} ({len(self.mods)} matrices), {len(docs)} documents "
             f"in batches of {D}, chunks of {self.span_preds} predictions; graphs warmed up in {time.perf_counter() - t0:.1f}s")

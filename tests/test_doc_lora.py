@@ -155,3 +155,21 @@ def test_two_processes_score_as_one(tmp_path):
     """Ranks take whole batches of documents, and a batch starts from the same deltas on any rank, so the score
     is one process's up to the order of the sums."""
     assert score_on_ranks(lora_result, 2, tmp_path) == pytest.approx(lora_result(), rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "lora"])
+def test_the_warm_up_compiles_every_graph_ttt_runs(mode):
+    """TTT compiles its graphs before its clock starts: after the sliding score and the warm-up, scoring with TTT
+    compiles nothing more (a warm-up that passed one tensor as both inputs and targets compiled for aliased inputs,
+    and the real rows compiled again inside the clock)."""
+    hp = lora_hp(TTT_MODE=mode, TTT_CHUNK_TOKENS=200)
+    model, tokens = tiny_model(hp), doc_stream()
+    compiled = torch.compile(model, backend="eager", dynamic=False, fullgraph=True)
+    score = lambda ad=None: tg.evaluate(compiled, tokens, one_byte_tables(320), hp.eval_seq_len, hp.eval_stride, 4, 0,
+                                        1, ad)
+    score()
+    ttt = tg.ChunkTTT(compiled, model, tokens, hp, 1, 0, lambda _: None) if mode == "chunk" else \
+        tg.DocLoRA(compiled, model, tokens, hp, 1, 0, lambda _: None, BOS)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        score(ttt)
+    assert ttt.adapted == ttt.steps > 0
