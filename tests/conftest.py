@@ -84,11 +84,11 @@ def assert_one_error(r: subprocess.CompletedProcess, text: str):
     assert "Traceback" not in r.stderr, failure_tail(r)
 
 
-def _score_on_rank(rank, world, store, out_path, score):
+def _on_rank(rank, world, store, out_path, fn):
     import torch
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    result = score(world=world, rank=rank)
+    result = fn(world=world, rank=rank)
     if rank == 0:
         torch.save(result, out_path)
     dist.barrier()
@@ -96,9 +96,10 @@ def _score_on_rank(rank, world, store, out_path, score):
     os._exit(0)  # no interpreter shutdown: a gloo thread that wants the GIL during it aborts the process
 
 
-def score_on_ranks(score, world: int, tmp_path: Path):
-    """Rank 0's result of score(world=, rank=) run in `world` gloo processes (score: a module-level function)."""
+def on_ranks(fn, world: int, tmp_path: Path):
+    """Rank 0's result of fn(world=, rank=) run in `world` gloo processes (fn: a module-level function, or a
+    functools.partial of one)."""
     import torch
-    torch.multiprocessing.spawn(_score_on_rank, args=(world, str(tmp_path / "store"), str(tmp_path / "r.pt"), score),
+    torch.multiprocessing.spawn(_on_rank, args=(world, str(tmp_path / "store"), str(tmp_path / "r.pt"), fn),
                                 nprocs=world)
     return torch.load(tmp_path / "r.pt")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import TINY_ENV, score_on_ranks
+from conftest import TINY_ENV, on_ranks
 from test_eval import one_byte_tables
 from test_ttt import tiny_model
 
@@ -154,7 +154,7 @@ def lora_result(world=1, rank=0):
 def test_two_processes_score_as_one(tmp_path):
     """Ranks take whole batches of documents, and a batch starts from the same deltas on any rank, so the score
     is one process's up to the order of the sums."""
-    assert score_on_ranks(lora_result, 2, tmp_path) == pytest.approx(lora_result(), rel=1e-9)
+    assert on_ranks(lora_result, 2, tmp_path) == pytest.approx(lora_result(), rel=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["chunk", "lora"])

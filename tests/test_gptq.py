@@ -1,12 +1,12 @@
 """QUANTIZER=gptq: the error-feedback rounding against an independent float64 formulation, its gain over
 rounding to the nearest step, SDClip's scales, and the calibration (training data only, summed over ranks)."""
-import os
-import socket
+import functools
 
 import pytest
 import torch
 
 import train_gpt as tg
+from conftest import on_ranks
 from test_model import tiny_hp
 
 
@@ -122,16 +122,9 @@ def test_hessians_cover_every_quantised_matrix_from_training_shards_only(dataset
     assert torch.equal(hessians["blocks.0.attn.c_q.weight"], hessians["blocks.0.attn.c_v.weight"])
 
 
-def _hessians_on_rank(rank, world, port, dataset, out_path):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def rank_hessians(dataset, world, rank):
     hp, model, loader = calibration_setup(dataset, world, rank)
-    hessians = tg.collect_hessians(model, loader, 2, tg.QUANTIZERS["gptq"].from_hp(hp), world)
-    if rank == 0:
-        torch.save(hessians, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # no interpreter shutdown: a gloo thread that wants the GIL during it aborts the process
+    return tg.collect_hessians(model, loader, 2, tg.QUANTIZERS["gptq"].from_hp(hp), world)
 
 
 def test_hessians_of_two_processes_sum_to_one_process(tmp_path, dataset):
@@ -139,11 +132,7 @@ def test_hessians_of_two_processes_sum_to_one_process(tmp_path, dataset):
     summed Hessians equal one process's."""
     hp, model, loader = calibration_setup(dataset)
     one = tg.collect_hessians(model, loader, 2, tg.QUANTIZERS["gptq"].from_hp(hp), world=1)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_hessians_on_rank, args=(2, port, dataset, str(tmp_path / "h.pt")), nprocs=2)
-    two = torch.load(tmp_path / "h.pt")
+    two = on_ranks(functools.partial(rank_hessians, dataset), 2, tmp_path)
     assert set(one) == set(two)
     for name in one:
         assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-3), name

@@ -1,12 +1,12 @@
 """Settings, model pieces, the optimizer and late QAT."""
-import os
+import functools
 import re
 
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import TINY_ENV, failure_tail
+from conftest import TINY_ENV, failure_tail, on_ranks
 
 
 def tiny_hp(**kw) -> tg.Hyperparameters:
@@ -255,15 +255,8 @@ def test_banked_muon_equals_per_matrix_muon():
         assert torch.allclose(p, w * (1 - lr * wd) - lr * o, atol=1e-6)
 
 
-def _sharded_step(rank, world, store, weights, grads, out_path):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    result = optimizer_step(weights, grads[rank], rank, world)
-    if rank == 0:
-        torch.save(result, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # no interpreter shutdown: a gloo thread that wants the GIL during it aborts the process
+def sharded_step(weights, grads, world, rank):
+    return optimizer_step(weights, grads[rank], rank, world)
 
 
 def test_sharded_step_on_two_processes_equals_one(tmp_path):
@@ -271,9 +264,7 @@ def test_sharded_step_on_two_processes_equals_one(tmp_path):
     with the weights one process gets from the mean gradient."""
     weights, grads = random_weights_and_grads(1, 2)
     one = optimizer_step(weights, [(a + b) / 2 for a, b in zip(*grads)])
-    torch.multiprocessing.spawn(_sharded_step, args=(2, str(tmp_path / "store"), weights, grads, str(tmp_path / "w.pt")),
-                                nprocs=2)
-    two = torch.load(tmp_path / "w.pt")
+    two = on_ranks(functools.partial(sharded_step, weights, grads), 2, tmp_path)
     for a, b in zip(one, two):
         assert torch.allclose(a, b, atol=1e-6)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import TINY_ENV, score_on_ranks
+from conftest import TINY_ENV, on_ranks
 from test_eval import one_byte_tables
 
 N = 1200  # predictions in the test stream; with TTT_CHUNK_TOKENS=200, seq 64 and stride 16 the spans are
@@ -162,4 +162,4 @@ def ttt_result(world=1, rank=0):
 def test_two_processes_score_as_one(tmp_path):
     """Each rank scores its share of a span and trains on its rows of it; the summed gradients give one process's
     steps, so the score is one process's up to float rounding."""
-    assert score_on_ranks(ttt_result, 2, tmp_path) == pytest.approx(ttt_result(), rel=1e-5)
+    assert on_ranks(ttt_result, 2, tmp_path) == pytest.approx(ttt_result(), rel=1e-5)
