@@ -48,7 +48,7 @@ class Hyperparameters:
     val_batch_size: int = 524_288  # tokens per evaluation batch, all ranks together
     eval_artifact: str = ""  # score this artifact and exit (no training data is read)
     # test-time training, evaluation only and score first: a chunk of val trains the weights after it is scored
-    ttt_mode: str = "chunk"  # off | chunk (SGD on each scored chunk; the last chunk is never trained on)
+    ttt_mode: str = "lora"  # off | chunk (SGD on each scored chunk; the last never trained on) | lora (per document)
     ttt_chunk_tokens: int = 32_768  # predictions per chunk
     ttt_lr: float = 0.01  # cosine-decayed over the chunks
     ttt_epochs: int = 3  # SGD steps on each chunk, each on the whole chunk
@@ -59,9 +59,12 @@ class Hyperparameters:
     ttt_budget_seconds: float = 480.0  # past this the rest of val is scored without adapting; 0 = no limit
     ttt_lora_rank: int = 8  # TTT_MODE=lora: each document's own low-rank deltas, (x @ A) @ B
     ttt_lora_targets: str = "q,v,head"  # the matrices they add to: q, k, v, o (attention), up, down (MLP), head
-    ttt_lora_lr: float = 0.01  # Adam, one step after each scored chunk of a document
+    ttt_lora_lr: float = 0.005  # Adam, one step after each scored chunk of a document (proxy: 0.01 and 0.0025 worse)
     ttt_lora_chunk: int = 256  # predictions of each document scored before a step (the sp1024 LoRA record: 256)
     ttt_lora_docs: int = 32  # documents side by side, one batch row each
+    ttt_lora_reset: str = "fresh"  # each batch's deltas: fresh (A drawn anew) | warm_a (A kept from the batch before); B = 0
+    ttt_lora_phases: str = ""  # documents' fractions (stream order, e.g. 0.1,0.2) after which the base weights take chunk
+                               # TTT's SGD steps on the documents scored since (phased TTT); "" = none
     # model
     num_layers: int = 11
     model_dim: int = 512
@@ -88,7 +91,7 @@ class Hyperparameters:
     engram_orders: int = 2  # 1: bigrams; 2: bigrams and trigrams
     engram_dim: int = 32  # per head and order
     skip_gates: bool = False  # U-Net skips through a learned sigmoid gate: lerp(weight * skip, x, sigmoid(gate))
-    parallel_resid_start: int = 0  # first layer of two residual lanes (attention and MLP read one each); 0 = off
+    parallel_resid_start: int = 7  # first layer of two residual lanes (attention and MLP read one each); 0 = off
     recur_layers: str = ""  # depth recurrence: these consecutive layers (e.g. 4,5) run again after their pass; "" = off
     recur_loops: int = 1  # extra passes of RECUR_LAYERS
     recur_start_frac: str = "0.5"  # the run fraction at which the extra passes switch on (one, or one per pass)
@@ -142,7 +145,6 @@ class Hyperparameters:
     artifact_path: str = ""  # "" -> logs/<RUN_ID>.int6.ptz
     size_limit: int = 16_000_000
     allow_oversize: bool = False
-
     @classmethod
     def from_env(cls, env=os.environ) -> "Hyperparameters":
         kw = {f.name: parse_env_value(f.name.upper(), env[f.name.upper()], type(f.default))
@@ -152,7 +154,6 @@ class Hyperparameters:
             hp.run_id = time.strftime("run_%Y%m%d_%H%M%S") + f"_{os.getpid()}"
         hp.validate()
         return hp
-
     @property
     def train_seconds(self) -> float:
         """The training loop's wallclock cap (0 = none): with GPTQ the calibration's reserve comes off it, so that
@@ -160,7 +161,6 @@ class Hyperparameters:
         if self.max_wallclock_seconds <= 0 or self.quantizer != "gptq":
             return self.max_wallclock_seconds
         return self.max_wallclock_seconds - self.gptq_reserve_seconds
-
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(int(b) for b in self.mixed_bits.split(","))
@@ -180,12 +180,14 @@ class Hyperparameters:
         starts = tuple(float(f) for f in self.recur_start_frac.split(","))
         return starts * self.recur_loops if len(starts) == 1 else starts
     @property
+    def lora_phases(self) -> tuple[float, ...]:
+        return tuple(float(f) for f in self.ttt_lora_phases.split(",")) if self.ttt_lora_phases else ()
+    @property
     def layer_slopes(self) -> tuple[float, ...]:
         """The MLP's leaky ReLU slope in each layer."""
         if not self.leaky_relu_slopes:
             return (self.leaky_relu_slope,) * self.num_layers
         return tuple(float(s) for s in self.leaky_relu_slopes.split(","))
-
     def validate(self):
         """Every value a run can get wrong, checked before anything is read or built."""
         def need(ok: bool, name: str, rule: str):
@@ -230,6 +232,9 @@ class Hyperparameters:
         need(0 <= self.ttt_ema < 1, "ttt_ema", "must be in [0, 1): 0 = off, else the EMA's decay per chunk")
         need(set(self.ttt_lora_targets.split(",")) <= set(LORA_TARGETS), "ttt_lora_targets",
              f"must be a comma-separated list of {', '.join(LORA_TARGETS)}")
+        need(self.ttt_lora_reset in ("fresh", "warm_a"), "ttt_lora_reset", "is not one of fresh, warm_a")
+        need(parses(lambda: all(a < b for a, b in zip((0, *self.lora_phases), (*self.lora_phases, 1)))),
+             "ttt_lora_phases", "must be increasing comma-separated fractions in (0, 1)")
         need(self.parallel_resid_start == 0 or self.num_layers // 2 <= self.parallel_resid_start < self.num_layers,
              "parallel_resid_start", f"must be 0 (off) or a decoder layer ({self.num_layers // 2} to {self.num_layers - 1})")
         need(parses(lambda: list(self.recur) == list(range(self.recur[0], self.recur[-1] + 1)) and self.recur[-1] < self.num_layers
@@ -335,14 +340,12 @@ class TrainLoader:
         self.local_tokens = batch_tokens // (world * accum)
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.reset()
-
     def reset(self):
         """Back to the first token of the first shard."""
         if hasattr(self, "pending"):
             self.pending.result()
         self.stream = TokenStream(self.files, self.vocab_size)
         self.pending = self.worker.submit(self._read_step)
-
     def _read_step(self) -> list[Tensor]:
         span = self.local_tokens + 1
         chunk = self.stream.take(span * self.world * self.accum)
@@ -352,7 +355,6 @@ class TrainLoader:
             buf = torch.from_numpy(chunk[i * span:(i + 1) * span].astype(np.int64))
             out.append(buf.pin_memory() if self.device.type == "cuda" else buf)
         return out
-
     def next_step(self) -> list[tuple[Tensor, Tensor]]:
         host, self.pending = self.pending.result(), self.worker.submit(self._read_step)
         out = []
@@ -511,7 +513,6 @@ class CausalSelfAttention(nn.Module):
         inv_freq = 1.0 / hp.rope_base ** (torch.arange(0, hp.rope_dims, 2, dtype=torch.float32) / hp.rope_dims)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.xsa, self.attn_impl = xsa, attn_impl
-
     def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
         B, T, C = x.shape
         projs = (self.c_q, self.c_k, self.c_v)  # three Muon matrices, one matrix product per call
@@ -585,7 +586,6 @@ class SquaredActMLP(torch.autograd.Function):
         ctx.slope = slope
         ctx.save_for_backward(x, w_fc, w_proj, act, pre)
         return act @ w_proj.t()
-
     @staticmethod
     def backward(ctx, d_out: Tensor):
         x, w_fc, w_proj, act, pre = ctx.saved_tensors
@@ -657,7 +657,6 @@ class Block(nn.Module):
         # two lanes: lanes[i, j] weighs output j (attention, MLP) into lane i (the one attention reads, MLP's); all
         # ones at init, so the lanes stay equal and the block is x + attn(x) + mlp(x), GPT-J's parallel block
         self.lanes = nn.Parameter(torch.ones(2, 2)) if 0 < hp.parallel_resid_start <= layer else None
-
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mlp: MLP | None = None) -> Tensor:
         """x is (B, T, C), or with two lanes (2, B, T, C); `mlp` replaces the block's own (an untied recurrence pass)."""
         mlp = self.mlp if mlp is None else mlp
@@ -691,7 +690,6 @@ class BigramHash(nn.Module):
         nn.init.zeros_(self.embed.weight)
         self.proj = CastedLinear(dim, model_dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
-
     def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
         prev, cur = ids[:, :-1], ids[:, 1:]
         h = (prev * 92821 + cur if self.hash_kind == "mul" else (cur * 36313) ^ (prev * 27191)) % (self.buckets - 1)
@@ -714,7 +712,6 @@ class EngramLite(nn.Module):
         # an odd multiplier per (order, head, offset): Fibonacci hashing's 0x9E3779B1 times a running index
         mult = [(0x9E3779B1 * (i + 1)) % (1 << 31) | 1 for i in range(orders * heads * (orders + 1))]
         self.register_buffer("mult", torch.tensor(mult).view(orders, heads, orders + 1), persistent=False)
-
     def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
         back = [ids] + [F.pad(ids[:, :-k], (k, 0)) for k in range(1, self.orders + 1)]  # back[k] = token t - k (0 before the start)
         rows = []
@@ -735,7 +732,6 @@ class ValueEmbedding(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.01)
         self.proj = CastedLinear(dim, kv_dim)
         self.scale = nn.Parameter(torch.tensor(0.1))
-
     def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
         return self.proj(self.embed(ids).to(dtype)) * self.scale.to(dtype)
 
@@ -774,7 +770,6 @@ class GPT(nn.Module):
         for mlp in self.recur_mlps or []:  # as the blocks' MLPs start: the extra pass adds nothing at first
             nn.init.orthogonal_(mlp.fc.weight)
             nn.init.zeros_(mlp.proj.weight)
-
     def layer_ve(self, ve: Tensor | None, i: int, dtype: torch.dtype) -> Tensor | None:
         return ve * self.ve_layer_scales[i - self.ve_first].to(dtype) if ve is not None and i >= self.ve_first else None
     def hidden(self, ids: Tensor) -> Tensor:
@@ -804,7 +799,6 @@ class GPT(nn.Module):
                         mlp = self.recur_mlps[n * len(self.recur) + k] if self.recur_mlps is not None else None
                         x = self.blocks[r](x, x0, self.layer_ve(ve, r, x.dtype), mlp)
         return rms_norm(x.mean(0) if self.parallel_start else x)
-
     def forward(self, ids: Tensor, targets: Tensor, per_token: bool = False) -> Tensor:
         h = self.hidden(ids)
         logits = add_lora(self, h, F.linear(h, self.tok_emb.weight.to(self.dtype))).float()
@@ -903,7 +897,6 @@ class Muon(torch.optim.Optimizer):
                 per_rank = -(-len(ps) // world)
                 bank = attach_grad_buffer(ps, (per_rank * world, *shape))
                 self.banks.append((gi, ps, bank, bank.new_zeros((per_rank, *shape)) if world > 1 else bank))
-
     def reduce_grads(self) -> list:
         """Start summing the banks over ranks into each rank's slice (async handles)."""
         if self.world == 1:
@@ -926,7 +919,6 @@ class Muon(torch.optim.Optimizer):
                 self.pending.append((full, ALL_GATHER(full, O, async_op=True), O))
             else:
                 self.pending.append((O, None, O))
-
     @torch.no_grad()
     def finish(self):
         """Wait for the gathered updates, then apply them."""
@@ -960,7 +952,6 @@ class Optimizers:
         self.grad_buffers = [bank for _, _, bank, _ in self.muon.banks] + [self.adam_grads]
         for g in self.muon.param_groups + self.adam.param_groups:
             g["base_lr"] = g["lr"]
-
     def step(self, lr_scale: float, momentum: float):
         for g in self.muon.param_groups + self.adam.param_groups:  # load_state_dict replaces the group dicts
             g["lr"] = g["base_lr"] * lr_scale
@@ -984,7 +975,6 @@ class Optimizers:
         self.muon.finish()
         for buf in self.grad_buffers:
             buf.zero_()
-
     def state_dict(self) -> list[dict]:
         return [self.muon.state_dict(), self.adam.state_dict()]
     def load_state_dict(self, states: list[dict]):
@@ -1006,7 +996,6 @@ class Schedule:
     late_qat_threshold: float  # 0 = no QAT
     lr_floor: float = 0.0
     recur_starts: tuple[float, ...] = ()  # where each depth-recurrence pass switches on
-
     @classmethod
     def from_hp(cls, hp: Hyperparameters) -> "Schedule":
         return cls(hp.iterations, 1000.0 * hp.train_seconds, hp.warmdown_frac, hp.muon_momentum_warmup_start,
@@ -1020,7 +1009,6 @@ class Schedule:
         if self.warmdown_frac <= 0:
             return 1.0
         return max(0.0, min(1.0, (1.0 - p) / self.warmdown_frac))
-
     def lr_scale(self, p: float) -> float:
         return max(self.warmdown(p), self.lr_floor)
     def momentum(self, p: float) -> float:
@@ -1372,7 +1360,6 @@ class Quantizer:
     sdclip_k: float = 12.85
     sdclip_k_embed: float = 14.0
     bits_by_name: dict = dataclasses.field(default_factory=dict, compare=False)  # mixed precision: name -> bits
-
     @classmethod
     def from_hp(cls, hp: Hyperparameters) -> "Quantizer":
         return cls(hp.block_bits, hp.embed_quant_bits, hp.percentiles, hp.quant_clip_floor, hp.quant_min_numel,
@@ -1383,7 +1370,6 @@ class Quantizer:
         if t.ndim == 2 and t.numel() > self.min_numel:
             return "int_embed" if name.endswith(("emb.weight", "embed.weight")) else "int"
         return "fp32" if t.ndim < 2 or name.endswith(("resid_mix", "skip_weights", "skip_gates", "lanes")) else "fp16"
-
     def bits_of(self, name: str, kind: str) -> int:
         return self.bits_by_name.get(name, self.bits if kind == "int" else self.embed_bits)
     def round_to_rows(self, w: Tensor, bits: int, embed: bool = False) -> tuple[Tensor, Tensor]:
@@ -1392,7 +1378,6 @@ class Quantizer:
             return quantize_rows(w, bits, self.percentiles, self.clip_floor)
         scale = sdclip_scales(w, bits, self.sdclip_k_embed if embed else self.sdclip_k, self.clip_floor)
         return round_rows(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale
-
     def quantize(self, name: str, w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         """(int8 values, fp16 row scales) of a 2-D tensor."""
         return self.round_to_rows(w, bits, embed=self.kind(name, w) == "int_embed")
@@ -1416,7 +1401,6 @@ class GPTQ(Quantizer):
     damp: float = 0.01
     block: int = 128
     memo: dict = dataclasses.field(default_factory=dict, compare=False)  # (name, bits, clip) -> result, for mixed bits
-
     @classmethod
     def from_hp(cls, hp: Hyperparameters) -> "GPTQ":
         return dataclasses.replace(super().from_hp(hp), damp=hp.gptq_damp, block=hp.gptq_block)
@@ -1470,24 +1454,20 @@ MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_head
               "engram_buckets", "engram_heads", "engram_orders", "engram_dim", "skip_gates", "bigram_hash",
               "parallel_resid_start", "recur_layers", "recur_loops", "recur_untie_mlp")
 
-def compress(raw: bytes, codec: str) -> bytes:
+def codec_module(codec: str):
     try:
-        if codec == "zstd":
-            import zstandard
-            return zstandard.ZstdCompressor(level=22).compress(raw)
-        if codec == "brotli":
-            import brotli
-            return brotli.compress(raw, quality=11)
+        return importlib.import_module({"zstd": "zstandard", "brotli": "brotli"}[codec])
     except ImportError as e:
         raise ConfigError(f"COMPRESSOR={codec} needs the {e.name} package (pip install -r requirements.txt)") from None
-    raise ConfigError(f"COMPRESSOR={codec!r}: use zstd or brotli")
+
+def compress(raw: bytes, codec: str) -> bytes:
+    """zstd at level 22 or brotli at quality 11."""
+    m = codec_module(codec)
+    return m.ZstdCompressor(level=22).compress(raw) if codec == "zstd" else m.compress(raw, quality=11)
 
 def decompress(blob: bytes, codec: str) -> bytes:
-    if codec == "zstd":
-        import zstandard
-        return zstandard.ZstdDecompressor().decompress(blob)
-    import brotli
-    return brotli.decompress(blob)
+    m = codec_module(codec)
+    return m.ZstdDecompressor().decompress(blob) if codec == "zstd" else m.decompress(blob)
 
 def shuffle_bytes(raw: bytes, stride: int, inverse: bool = False) -> bytes:
     """Byte 0 of every `stride`-byte group first, then byte 1, ...: neighbouring values' high and low bytes (or,
@@ -1657,7 +1637,6 @@ class Adapter:
     calls `adapt(start, end)`: the weights may learn from predictions [start, end), all scored already, and
     nothing is scored twice. `spans` may plan the scoring otherwise (DocLoRA). This one learns nothing."""
     span_preds, batch_seqs = 0, 0  # batch_seqs: rows per scored batch (0: the evaluation's)
-
     def spans(self, num_preds: int, seq_len: int, stride: int, rank: int, world: int):
         return eval_spans(num_preds, seq_len, stride, self.span_preds, rank, world)
     def scored(self, x: Tensor, y: Tensor, mask: Tensor, losses: Tensor):
@@ -1710,7 +1689,6 @@ class TTT(Adapter):
         t0 = time.perf_counter()
         self.learn(start, end)
         self.adapted, self.adapt_s = self.adapted + 1, self.adapt_s + time.perf_counter() - t0
-
     def finish(self):
         eval_s = time.perf_counter() - self.t0  # since the clock started: the TTT score's seconds
         full_s = eval_s * FULL_VAL_TOKENS / self.tokens.numel() * self.world / 8
@@ -1740,7 +1718,6 @@ class ChunkTTT(TTT):
         log(f"ttt: chunk {self.span_preds} tokens, {spans} chunks, {len(self.params)} tensors adapted; training "
             f"graph warmed up in {time.perf_counter() - t0:.1f}s")
         self.start_clock(spans - 1, "chunks")
-
     def span_rows(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's rows of predictions [start, end): (inputs, targets, mask), padding masked out."""
         seq = self.hp.eval_seq_len
@@ -1748,7 +1725,6 @@ class ChunkTTT(TTT):
         idx = rank_slice(idx, self.rank, self.world)
         mask, idx = idx < end, idx.clamp_max(end - 1)
         return self.tokens[idx], self.tokens[idx + 1], mask
-
     def learn(self, start: int, end: int):
         for g in self.opt.param_groups:
             g["lr"] = self.hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * self.adapted / max(self.steps, 1)))
@@ -1780,50 +1756,74 @@ class DocLoRA(TTT):
     TTT_LORA_CHUNK predictions, TTT_LORA_DOCS documents side by side, a batch row each with its own rank-r deltas
     (x @ A) @ B on the TTT_LORA_TARGETS matrices (A random, B zero: no change at first); after each chunk is scored,
     one Adam step on its mean loss. Deltas and Adam's state start afresh with each batch (longest documents first), so
-    a document learns from its own scored tokens only; the artifact's weights never change. Ranks take whole batches."""
+    a document learns from its own scored tokens only (TTT_LORA_RESET=warm_a keeps A). With TTT_LORA_PHASES the
+    documents are cut in stream order, and after each part but the last the base weights learn from it (`phase`);
+    else the artifact's weights never change. Ranks take whole batches."""
     synced = False
-
     def __init__(self, model: nn.Module, base: GPT, tokens: Tensor, hp: Hyperparameters, world: int, rank: int, log,
                  bos: int):
         self.model, self.tokens, self.hp, self.world, self.log = model, tokens, hp, world, log
         self.span_preds, self.batch_seqs, D = hp.ttt_lora_chunk, hp.ttt_lora_docs, hp.ttt_lora_docs
-        docs = sorted(document_spans(tokens, bos), key=lambda d: d[0] - d[1])
-        self.batches = rank_slice(list(enumerate(docs[i:i + D] for i in range(0, len(docs), D))), rank, world)
+        docs, self.parts, n = document_spans(tokens, bos), [], 0
+        cuts = sorted({0, *(round(f * len(docs)) for f in hp.lora_phases), len(docs)})
+        for a, b in zip(cuts, cuts[1:]):  # (first prediction, end, this rank's numbered batches) of each part
+            part = sorted(docs[a:b], key=lambda d: d[0] - d[1])
+            batches = list(enumerate((part[i:i + D] for i in range(0, len(part), D)), n))
+            self.parts.append((docs[a][0], docs[b - 1][1], rank_slice(batches, rank, world)))
+            n += len(batches)
+        self.sgd = ChunkTTT(model, base, tokens, hp, world, rank, log) if len(self.parts) > 1 else None
         role = {"attn.c_q": "q", "attn.c_k": "k", "attn.c_v": "v", "attn.proj": "o", "mlp.fc": "up", "mlp.proj": "down"}
         targets = hp.ttt_lora_targets.split(",")
         self.mods = [m for n, m in base.named_modules() if n.startswith("blocks.") and role.get(n.split(".", 2)[-1]) in targets]
         self.mods += [base] * ("head" in targets)
-        for m in self.mods:
-            fan_in, fan_out = (hp.model_dim, hp.vocab_size) if m is base else (m.in_features, m.out_features)
-            m.lora = tuple(torch.zeros(D, *shape, device=tokens.device, requires_grad=True)
-                           for shape in ((fan_in, hp.ttt_lora_rank), (hp.ttt_lora_rank, fan_out)))
-        self.opt = torch.optim.Adam([t for m in self.mods for t in m.lora], lr=hp.ttt_lora_lr)
+        shapes = [(hp.model_dim, hp.vocab_size) if m is base else (m.in_features, m.out_features) for m in self.mods]
+        self.loras = [tuple(torch.zeros(D, *shape, device=tokens.device, requires_grad=True)
+                            for shape in ((i, hp.ttt_lora_rank), (hp.ttt_lora_rank, o))) for i, o in shapes]
+        self.opt = torch.optim.Adam([t for lora in self.loras for t in lora], lr=hp.ttt_lora_lr)
         self.frozen = [p for p in base.parameters() if p.requires_grad]
-        for p in self.frozen:
-            p.requires_grad_(False)
+        self.deltas_on(True)
         t0, zeros = time.perf_counter(), torch.zeros(D, hp.eval_seq_len, dtype=tokens.dtype, device=tokens.device)
         with torch.no_grad():  # the scoring and the training graph, compiled before the clock (B = 0: no change yet)
             model(zeros, zeros.clone(), per_token=True)
         model(zeros, zeros.clone(), per_token=True).sum().backward()  # two tensors (ChunkTTT's warm-up says why)
         self.opt.zero_grad()
         log(f"ttt: lora rank {hp.ttt_lora_rank} on {hp.ttt_lora_targets} ({len(self.mods)} matrices), {len(docs)} documents "
-            f"in batches of {D}, chunks of {self.span_preds} predictions; graphs warmed up in {time.perf_counter() - t0:.1f}s")
-        self.start_clock(sum(-(-(b[0][1] - b[0][0]) // self.span_preds) for _, b in self.batches), "steps")
-
+            f"in {len(self.parts)} part(s), batches of {D}, chunks of {self.span_preds} predictions; graphs warmed up in "
+            f"{time.perf_counter() - t0:.1f}s")
+        self.start_clock(sum(-(-(b[0][1] - b[0][0]) // self.span_preds) for *_, bs in self.parts for _, b in bs), "steps")
+    def deltas_on(self, on: bool):
+        """The deltas in the forward and the base weights frozen, or neither."""
+        for m, lora in zip(self.mods, self.loras):
+            m.lora = lora if on else None
+        for p in self.frozen:
+            p.requires_grad_(not on)
     def spans(self, num_preds: int, seq_len: int, stride: int, rank: int, world: int):
         """Per batch of documents: fresh deltas (drawn by the batch's number, the same on any rank), then its chunks
-        in lockstep, a row (s, e, document start) each."""
-        for b, docs in self.batches:
-            gen = torch.Generator().manual_seed(b)
-            with torch.no_grad():
-                for a, z in (m.lora for m in self.mods):
-                    a.copy_(torch.randn(a.shape, generator=gen) / a.size(1) ** 0.5)
-                    z.zero_()
-            self.opt.state.clear()
-            for c in range(0, docs[0][1] - docs[0][0], self.span_preds):
-                rows = [(min(s + c, e), min(s + c + self.span_preds, e), s) for s, e in docs]
-                yield (0, 0), rows + [(0, 0, 0)] * (self.batch_seqs - len(rows))
-
+        in lockstep, a row (s, e, document start) each; after each part but the last, its `phase`."""
+        for p, (start, end, batches) in enumerate(self.parts):
+            for b, docs in batches:
+                gen = torch.Generator().manual_seed(b)
+                with torch.no_grad():
+                    for a, z in self.loras:
+                        if self.hp.ttt_lora_reset == "fresh" or not self.adapted:
+                            a.copy_(torch.randn(a.shape, generator=gen) / a.size(1) ** 0.5)
+                        z.zero_()
+                self.opt.state.clear()
+                for c in range(0, docs[0][1] - docs[0][0], self.span_preds):
+                    rows = [(min(s + c, e), min(s + c + self.span_preds, e), s) for s, e in docs]
+                    yield (0, 0), rows + [(0, 0, 0)] * (self.batch_seqs - len(rows))
+            if p < len(self.parts) - 1:
+                self.phase(start, end)
+    def phase(self, start: int, end: int):
+        """Phased TTT: with the deltas off, the base weights take chunk TTT's SGD steps (its settings, the LR's cosine
+        over this part) on predictions [start, end), which every rank has scored, TTT_CHUNK_TOKENS at a time."""
+        t0, C = time.perf_counter(), self.hp.ttt_chunk_tokens
+        self.deltas_on(False)
+        self.sgd.steps, self.sgd.adapted, self.sgd.t0 = -(-(end - start) // C), 0, self.t0  # one budget for both
+        for a in range(start, end, C):
+            self.sgd.adapt(a, min(a + C, end))
+        self.deltas_on(True)
+        self.log(f"ttt: phase on predictions [{start}, {end}): {self.sgd.adapted} SGD chunks in {time.perf_counter() - t0:.1f}s")
     def scored(self, x: Tensor, y: Tensor, mask: Tensor, losses: Tensor):
         self.rows = (x, y, mask)
     def learn(self, start: int, end: int):
@@ -1832,10 +1832,7 @@ class DocLoRA(TTT):
         self.opt.step()
         self.opt.zero_grad()
     def finish(self):
-        for m in self.mods:
-            m.lora = None
-        for p in self.frozen:
-            p.requires_grad_(True)
+        self.deltas_on(False)
         super().finish()
 
 class EvalContext:
@@ -1850,7 +1847,6 @@ class EvalContext:
         self.compiled = maybe_compile(self.model, hp)
         self.batch_seqs = max(1, hp.val_batch_size // (world * hp.eval_seq_len))
         log(f"val_tokens:{self.tokens.numel()} eval_seq_len:{hp.eval_seq_len} stride:{hp.eval_stride}")
-
     def score(self, state: dict[str, Tensor], label: str, stride: int | None = None,
               adapter: Adapter | None = None) -> tuple[float, float]:
         self.model.load_state_dict(state, strict=True)

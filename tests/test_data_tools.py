@@ -276,7 +276,8 @@ def test_every_plan_names_real_settings(plan):
         names.append(name)
         env = dict(kv.split("=", 1) for kv in settings)
         env.pop("PROXY_SECONDS", None)
-        tg.Hyperparameters.from_env({**TINY_ENV, "NUM_LAYERS": "11", **env})  # a ConfigError names the bad one
+        full_depth = {**TINY_ENV, "NUM_LAYERS": "11", "PARALLEL_RESID_START": "7"}
+        tg.Hyperparameters.from_env({**full_depth, **env})  # a ConfigError names the bad one
         unknown = set(env) - {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}
         assert not unknown, f"{plan.name}: {name} sets {unknown}"
     assert names and len(names) == len(set(names))

@@ -7,7 +7,7 @@ import torch
 
 import train_gpt as tg
 from conftest import failure_tail, run_train
-from test_model import tiny_hp
+from test_model import four_layers, tiny_hp
 
 
 def randomised(model: tg.GPT, keep=("lanes",)) -> tg.GPT:
@@ -36,10 +36,10 @@ class GPTJBlock(torch.nn.Module):
 def test_lanes_at_init_are_gptj_parallel_blocks():
     """All-ones lane weights keep the two lanes equal: from PARALLEL_RESID_START on, every block is GPT-J's parallel
     block, and the layers before it are today's."""
-    hp = tiny_hp(num_layers=4, parallel_resid_start=2, skip_gates=1)
+    hp = four_layers(parallel_resid_start=2, skip_gates=1)
     model = randomised(tg.GPT(hp, dtype=torch.float64).double())
     assert [b.lanes is not None for b in model.blocks] == [False, False, True, True]
-    ref = tg.GPT(tiny_hp(num_layers=4, skip_gates=1), dtype=torch.float64).double()
+    ref = tg.GPT(four_layers(skip_gates=1), dtype=torch.float64).double()
     ref.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("lanes")})
     ref.blocks[2], ref.blocks[3] = GPTJBlock(ref.blocks[2]), GPTJBlock(ref.blocks[3])
     ids = torch.randint(0, 320, (2, 12))
@@ -66,7 +66,7 @@ def test_each_lane_gets_each_output_by_its_weight():
 def test_lane_weights_are_exported_as_fp32_and_the_start_is_a_decoder_layer():
     assert tg.Quantizer.from_hp(tiny_hp()).kind("blocks.7.lanes", torch.ones(2, 2)) == "fp32"
     with pytest.raises(tg.ConfigError, match="PARALLEL_RESID_START=1 must be 0 \\(off\\) or a decoder layer \\(2 to 3\\)"):
-        tiny_hp(num_layers=4, parallel_resid_start=1)
+        four_layers(parallel_resid_start=1)
 
 
 def unrolled_hidden(m: tg.GPT, ids, order):
@@ -89,7 +89,7 @@ def unrolled_hidden(m: tg.GPT, ids, order):
 @pytest.mark.parametrize("untie", [0, 1])
 def test_recurrence_equals_the_unrolled_layers(untie):
     """RECUR_LAYERS=1,2 with 2 extra passes on 4 layers runs 0, 1, 2, 1, 2, 1, 2, 3; with fewer passes on, fewer."""
-    hp = tiny_hp(num_layers=4, recur_layers="1,2", recur_loops=2, recur_untie_mlp=untie)
+    hp = four_layers(recur_layers="1,2", recur_loops=2, recur_untie_mlp=untie)
     m = randomised(tg.GPT(hp, dtype=torch.float64).double(), keep=())
     ids = torch.randint(0, 320, (2, 12))
     assert m.loops_on == 2  # built with every pass on (the evaluation's model); training sets it by the schedule
@@ -100,30 +100,30 @@ def test_recurrence_equals_the_unrolled_layers(untie):
 
 
 def test_recurrence_adds_no_weights_unless_its_mlps_are_untied():
-    plain = set(tg.GPT(tiny_hp(num_layers=4)).state_dict())
-    assert set(tg.GPT(tiny_hp(num_layers=4, recur_layers="1,2", recur_loops=2)).state_dict()) == plain
-    untied = set(tg.GPT(tiny_hp(num_layers=4, recur_layers="1,2", recur_loops=2, recur_untie_mlp=1)).state_dict())
+    plain = set(tg.GPT(four_layers()).state_dict())
+    assert set(tg.GPT(four_layers(recur_layers="1,2", recur_loops=2)).state_dict()) == plain
+    untied = set(tg.GPT(four_layers(recur_layers="1,2", recur_loops=2, recur_untie_mlp=1)).state_dict())
     assert untied - plain == {f"recur_mlps.{k}.{w}.weight" for k in range(4) for w in ("fc", "proj")}
 
 
 def test_recurrence_passes_switch_on_at_their_fractions():
-    sched = tg.Schedule.from_hp(tiny_hp(num_layers=4, recur_layers="1,2", recur_loops=2, recur_start_frac="0.5,0.65"))
+    sched = tg.Schedule.from_hp(four_layers(recur_layers="1,2", recur_loops=2, recur_start_frac="0.5,0.65"))
     assert [sched.recur_loops(p) for p in (0.0, 0.49, 0.5, 0.64, 0.65, 0.99)] == [0, 0, 1, 1, 2, 2]
-    assert tg.Schedule.from_hp(tiny_hp(num_layers=4, recur_layers="1,2", recur_loops=2)).recur_starts == (0.5, 0.5)
-    assert tg.Schedule.from_hp(tiny_hp(num_layers=4, recur_start_frac="0.3")).recur_loops(0.9) == 0  # off
+    assert tg.Schedule.from_hp(four_layers(recur_layers="1,2", recur_loops=2)).recur_starts == (0.5, 0.5)
+    assert tg.Schedule.from_hp(four_layers(recur_start_frac="0.3")).recur_loops(0.9) == 0  # off
     for bad, message in ((dict(recur_layers="1,3"), "RECUR_LAYERS='1,3' must be consecutive layers"),
                          (dict(recur_layers="2,3", parallel_resid_start=3), "all before or all from"),
                          (dict(recur_layers="1", recur_start_frac="0.5,0.6"), "RECUR_START_FRAC='0.5,0.6' must be one"),
                          (dict(recur_layers="1", recur_start_frac="1"), "must be one fraction in [0, 1)")):
         with pytest.raises(tg.ConfigError, match=re.escape(message)):
-            tiny_hp(num_layers=4, **bad)
+            four_layers(**bad)
 
 
 def test_the_warm_up_compiles_each_pass_count_with_and_without_qat_as_the_run_meets_them(tmp_path, dataset, tokenizer):
     """A second pass that switches on after late QAT (0.9 > 1 - 0.5 * 0.49): QAT meets 1 and 2 passes, so both
     graphs are compiled before the clock starts, and the run switches at 30% and 90%."""
-    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=30, COMPRESSOR="zstd", NUM_LAYERS=4, RECUR_LAYERS="1,2",
-                  RECUR_LOOPS=2, RECUR_START_FRAC="0.3,0.9", LATE_QAT_THRESHOLD=0.5, WARMUP_STEPS=5)
+    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=30, COMPRESSOR="zstd", NUM_LAYERS=4, PARALLEL_RESID_START=0,
+                  RECUR_LAYERS="1,2", RECUR_LOOPS=2, RECUR_START_FRAC="0.3,0.9", LATE_QAT_THRESHOLD=0.5, WARMUP_STEPS=5)
     assert r.returncode == 0, failure_tail(r)
     assert "graphs (extra passes, QAT): 0 1 2 1+qat 2+qat\n" in r.stdout
     steps = [int(m) for m in re.findall(r"recur:\d extra passes of layers 1,2 from step:(\d+) ", r.stdout)]

@@ -1,6 +1,7 @@
 """Per-document LoRA test-time training (TTT_MODE=lora): documents are scored on their own, a chunk is scored
 before its document's deltas learn from it, documents never influence each other, ranks take whole batches and
 agree with one process, the budget stops adapting, and the artifact's weights never change."""
+import functools
 import re
 
 import pytest
@@ -141,28 +142,80 @@ def test_the_budget_stops_adapting_and_says_so():
 
 @pytest.mark.parametrize("setting, message", [(dict(TTT_LORA_TARGETS="q,x"), "TTT_LORA_TARGETS='q,x' must be a"),
                                               (dict(TTT_LORA_RANK=0), "TTT_LORA_RANK=0 must be at least 1"),
-                                              (dict(TTT_LORA_LR=-1), "TTT_LORA_LR=-1.0 must not be negative")])
+                                              (dict(TTT_LORA_LR=-1), "TTT_LORA_LR=-1.0 must not be negative"),
+                                              (dict(TTT_LORA_RESET="keep"), "TTT_LORA_RESET='keep' is not one of"),
+                                              (dict(TTT_LORA_PHASES="0.6,0.3"), "TTT_LORA_PHASES='0.6,0.3' must be"),
+                                              (dict(TTT_LORA_PHASES="1"), "TTT_LORA_PHASES='1' must be increasing")])
 def test_bad_lora_settings_are_config_errors(setting, message):
     with pytest.raises(tg.ConfigError, match=re.escape(message)):
         lora_hp(**setting)
 
 
-def lora_result(world=1, rank=0):
-    return lora_losses(doc_stream(), world=world, rank=rank)[1]
+def lora_result(world=1, rank=0, **env):
+    return lora_losses(doc_stream(), world=world, rank=rank, **env)[1]
 
 
-def test_two_processes_score_as_one(tmp_path):
+@pytest.mark.parametrize("env, rel", [({}, 1e-9), (dict(TTT_LORA_PHASES="0.5", TTT_LR=0.05), 1e-5)])
+def test_two_processes_score_as_one(tmp_path, env, rel):
     """Ranks take whole batches of documents, and a batch starts from the same deltas on any rank, so the score
-    is one process's up to the order of the sums."""
-    assert on_ranks(lora_result, 2, tmp_path) == pytest.approx(lora_result(), rel=1e-9)
+    is one process's up to the order of the sums (with phases, also the ranks' gradient sums)."""
+    assert on_ranks(functools.partial(lora_result, **env), 2, tmp_path) == pytest.approx(lora_result(**env), rel=rel)
 
 
-@pytest.mark.parametrize("mode", ["chunk", "lora"])
+PART_ONE = sum(n + 1 for n in DOC_LENGTHS[:4])  # TTT_LORA_PHASES=0.5 cuts the 7 documents after 4 (round(3.5))
+
+
+class PhaseOnEverything(Recording):
+    """A broken phased DocLoRA whose phase trains on the whole stream, the unscored part too: the check must fail."""
+
+    def phase(self, start, end):
+        super().phase(start, self.tokens.numel() - 2)
+
+
+def test_a_phase_learns_from_the_scored_part_only():
+    """LoRA off (lr 0), phases on: the first part scores as without phases; the second part scores otherwise (the
+    base weights learned from the first); a token changed in the second part changes no prediction of the first
+    part, nor of another document, nor before it; one changed in the first part changes the second part. A phase
+    that trains on unscored tokens fails this check."""
+    tokens, k = doc_stream(), PART_ONE + 30  # inside the sixth document (130 tokens)
+    changed = tokens.clone()
+    changed[k] = 2 + (tokens[k] - 2 + 1) % 318
+    phased = dict(TTT_LORA_LR=0, TTT_LORA_PHASES="0.5", TTT_LR=0.05, TTT_CHUNK_TOKENS=100)
+    plain = lora_losses(tokens, TTT_LORA_LR=0)[0]
+    before, _, ad, lines = lora_losses(tokens, **phased)
+    assert sorted(before) == list(range(tokens.numel() - 1)) and ad.sgd.adapted == 3
+    assert all(before[p] == plain[p] for p in range(PART_ONE))
+    assert all(abs(before[p] - plain[p]) > 1e-9 for p in range(PART_ONE, tokens.numel() - 1))
+    assert any(re.fullmatch(rf"ttt: phase on predictions \[0, {PART_ONE}\): 3 SGD chunks in \d+\.\ds", x) for x in lines)
+    sixth_end = PART_ONE + DOC_LENGTHS[4] + 1 + DOC_LENGTHS[5] + 1
+    for adapter, must_hold in ((Recording, True), (PhaseOnEverything, False)):
+        before, after = lora_losses(tokens, adapter, **phased)[0], lora_losses(changed, adapter, **phased)[0]
+        same = all(before[p] == after[p] for p in before if p < k - 1 or p >= sixth_end)
+        assert same == must_hold
+    early = tokens.clone()
+    early[30] = 2 + (tokens[30] - 2 + 1) % 318
+    after = lora_losses(early, **phased)[0]
+    assert all(abs(before[p] - after[p]) > 0 for p in range(sixth_end, tokens.numel() - 1))
+
+
+def test_warm_a_keeps_each_rows_a_from_batch_to_batch():
+    """TTT_LORA_RESET=warm_a: the first batch (the three longest documents) scores as with fresh deltas, the next
+    batches' documents of more than one chunk otherwise (their rows start from the A the row before learned; B is
+    zero for every first chunk)."""
+    tokens = doc_stream()
+    docs = sorted(tg.document_spans(tokens, BOS), key=lambda d: d[0] - d[1])
+    fresh, warm = lora_losses(tokens)[0], lora_losses(tokens, TTT_LORA_RESET="warm_a")[0]
+    for i, (s, e) in enumerate(docs):
+        assert all(fresh[p] == warm[p] for p in range(s, e)) == (i < 3 or e - s <= 16)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "lora", "phased"])
 def test_the_warm_up_compiles_every_graph_ttt_runs(mode):
     """TTT compiles its graphs before its clock starts: after the sliding score and the warm-up, scoring with TTT
     compiles nothing more (a warm-up that passed one tensor as both inputs and targets compiled for aliased inputs,
     and the real rows compiled again inside the clock)."""
-    hp = lora_hp(TTT_MODE=mode, TTT_CHUNK_TOKENS=200)
+    hp = lora_hp(TTT_MODE="lora" if mode == "phased" else mode, TTT_CHUNK_TOKENS=200,
+                 TTT_LORA_PHASES="0.5" if mode == "phased" else "")
     model, tokens = tiny_model(hp), doc_stream()
     compiled = torch.compile(model, backend="eager", dynamic=False, fullgraph=True)
     score = lambda ad=None: tg.evaluate(compiled, tokens, one_byte_tables(320), hp.eval_seq_len, hp.eval_stride, 4, 0,

@@ -69,7 +69,7 @@ def test_artifact_round_trip_gives_identical_logits(tmp_path, codec):
         if t.numel() > hp.quant_min_numel and t.ndim == 2:
             ref[name] = tg.dequantize_rows(*tg.quantize_rows(t, 8 if "emb" in name else 6, hp.percentiles, 1.0))
         else:
-            control = t.ndim < 2 or name.endswith(("resid_mix", "skip_weights"))
+            control = t.ndim < 2 or name.endswith(("resid_mix", "skip_weights", "lanes"))
             ref[name] = t.to(torch.float32 if control else torch.float16).float()
     ids = torch.randint(0, 320, (2, 32))
     a, b = tg.GPT(hp, dtype=torch.float32), tg.GPT(tg.Hyperparameters(**{**hp.__dict__, **config}), dtype=torch.float32)

@@ -13,6 +13,11 @@ def tiny_hp(**kw) -> tg.Hyperparameters:
     return tg.Hyperparameters.from_env({**TINY_ENV, **{k.upper(): str(v) for k, v in kw.items()}})
 
 
+def four_layers(**kw) -> tg.Hyperparameters:
+    """The tiny config at 4 layers, without lanes unless asked (tiny.env's PARALLEL_RESID_START=1 is an encoder layer)."""
+    return tiny_hp(**{"num_layers": 4, "parallel_resid_start": 0, **kw})
+
+
 def test_env_parsing_and_errors():
     hp = tiny_hp(ln_scale="off", smear_gate="Yes", matrix_lr="0.5")
     assert hp.ln_scale is False and hp.smear_gate is True and hp.matrix_lr == 0.5 and hp.num_layers == 2
@@ -113,7 +118,7 @@ def test_attention_with_one_qkv_product_matches_three_separate_projections():
 
 def test_layer_indexed_features_follow_num_layers():
     for layers in (1, 2, 3, 11):
-        hp = tiny_hp(num_layers=layers)
+        hp = tiny_hp(num_layers=layers, parallel_resid_start=0)
         m = tg.GPT(hp, dtype=torch.float32)
         xsa = [b.attn.xsa for b in m.blocks]
         assert xsa == [i >= layers - 4 for i in range(layers)]
@@ -339,11 +344,11 @@ TODAY_LOSSES = [5.767948627471924, 6.04958963394165, 6.134584903717041, 6.107173
 
 
 def test_switches_off_give_todays_model():
-    """With every later record's switch off (LEAKY_RELU_SLOPE=0 too: its default became 0.5), the tiny model has
-    the parameters it had before those switches existed and, over four optimizer steps on fixed batches (the last
+    """With every later record's switch off (LEAKY_RELU_SLOPE=0 and PARALLEL_RESID_START=0 too: their defaults
+    changed), the tiny model has the parameters it had before those switches existed and, over four optimizer steps on fixed batches (the last
     two with late QAT), the same losses (golden values from that code; 1e-5 leaves room for another CPU's
     rounding)."""
-    hp = tiny_hp(leaky_relu_slope=0.0)
+    hp = tiny_hp(leaky_relu_slope=0.0, parallel_resid_start=0)
     torch.manual_seed(0)
     m = tg.GPT(hp, dtype=torch.float32)
     assert [(n, tuple(p.shape)) for n, p in m.named_parameters()] == TODAY_PARAMS

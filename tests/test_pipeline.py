@@ -54,7 +54,7 @@ def test_eval_sh_scores_an_artifact_alone(trained, tmp_path, dataset, tokenizer,
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "fineweb_val_000000.bin").write_bytes((dataset / "fineweb_val_000000.bin").read_bytes())
     r = run_train(tmp_path, tmp_path / "val", tokenizer, args=[str(d / "logs" / "t.int6.ptz")],
-                  NUM_LAYERS=5, RUN_ID="score", **ttt)  # the shape: the artifact's
+                  NUM_LAYERS=5, PARALLEL_RESID_START=3, RUN_ID="score", **ttt)  # the shape: the artifact's
     assert r.returncode == 0, failure_tail(r)
     first = parse_log(str(d / "logs" / "t.txt"))
     again = parse_log(str(tmp_path / "logs" / "score.txt"))

@@ -9,7 +9,7 @@ import torch
 import train_gpt as tg
 from conftest import failure_tail, run_train
 from logs import parse_log
-from test_model import tiny_hp
+from test_model import four_layers, tiny_hp
 
 ALL_ON = dict(leaky_relu_slopes="-0.014,0.47", engram_buckets=64, engram_dim=8, skip_gates=1, muon_backend="turbo",
               muon_backend_steps=4, muon_row_norm=1, qat_soft_round=1, lr_floor=0.05, late_qat_threshold=0.5,
@@ -71,7 +71,7 @@ def test_engram_heads_and_orders_use_their_own_tables():
 def test_gated_skips_lerp_from_the_skip_to_the_stream():
     """SKIP_GATES: x <- (1 - g) * w * skip + g * x with g = sigmoid(gate) per dimension (0.5 at init)."""
     torch.manual_seed(0)
-    hp = tiny_hp(num_layers=4, skip_gates=1)
+    hp = four_layers(skip_gates=1)
     m = tg.GPT(hp, dtype=torch.float64).double()
     assert m.skip_gates.shape == m.skip_weights.shape and torch.all(m.skip_gates == 0)
     with torch.no_grad():
@@ -201,9 +201,9 @@ def test_the_1233_scripts_choices_as_switches():
     want = [[63] + [((c * 36313) ^ (p * 27191)) % 63 for p, c in zip(row[:-1], row[1:])] for row in ids.tolist()]
     assert seen[0].tolist() == want
     torch.manual_seed(0)
-    base = tg.GPT(tiny_hp(num_layers=4), dtype=torch.float32).state_dict()
+    base = tg.GPT(four_layers(), dtype=torch.float32).state_dict()
     torch.manual_seed(0)
-    scaled = tg.GPT(tiny_hp(num_layers=4, aux_proj_init_scale=1), dtype=torch.float32).state_dict()
+    scaled = tg.GPT(four_layers(aux_proj_init_scale=1), dtype=torch.float32).state_dict()
     changed = {k for k in base if not torch.equal(base[k], scaled[k])}
     assert changed == {"bigram.proj.weight", "ve.proj.weight"}
     for k in changed:
