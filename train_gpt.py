@@ -114,6 +114,7 @@ class Hyperparameters:
     ns_margin: float = 1.01  # Newton-Schulz starts from G / (margin * |G|_F); the 1.1233 script has 1.0
     muon_wd: float = 0.04
     adam_wd: float = 0.04
+    adam_lr_decay: bool = True  # AdamW's LRs follow the schedule; 0: they stay constant (proxy5's 10.5 MB model, issue 14)
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -942,7 +943,7 @@ class Optimizers:
         tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
         taken = {id(p) for p in matrices + tables}
         scalars = [p for p in model.parameters() if id(p) not in taken]
-        self.clip_norm, self.rank, self.world = hp.grad_clip_norm, rank, world
+        self.clip_norm, self.rank, self.world, self.adam_lr_decay = hp.grad_clip_norm, rank, world, hp.adam_lr_decay
         self.muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
                          hp.muon_backend, world, compile_ns, hp.muon_row_norm, hp.ns_margin)
         self.adam_grads = attach_grad_buffer(tables + scalars, (sum(p.numel() for p in tables + scalars),))
@@ -953,10 +954,10 @@ class Optimizers:
         for g in self.muon.param_groups + self.adam.param_groups:
             g["base_lr"] = g["lr"]
     def step(self, lr_scale: float, momentum: float):
-        for g in self.muon.param_groups + self.adam.param_groups:  # load_state_dict replaces the group dicts
-            g["lr"] = g["base_lr"] * lr_scale
-        for g in self.muon.param_groups:
-            g["momentum"] = momentum
+        for g in self.muon.param_groups:  # load_state_dict replaces the group dicts: set every step
+            g["lr"], g["momentum"] = g["base_lr"] * lr_scale, momentum
+        for g in self.adam.param_groups:
+            g["lr"] = g["base_lr"] * (lr_scale if self.adam_lr_decay else 1.0)
         handles = self.muon.reduce_grads()
         if self.world > 1:
             handles.append(dist.all_reduce(self.adam_grads, async_op=True))

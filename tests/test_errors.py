@@ -122,6 +122,7 @@ def test_tools_bad_input(tmp_path, dataset, tokenizer):
                           ([py, tools / "logs.py"], "usage"),
                           ([py, tools / "recompress.py", "bad.ptz"], "not a train_gpt.py artifact"),
                           ([py, tools / "recompress.py", "bad.ptz", "--shuffle", "0,x"], "--shuffle takes"),
+                          ([py, tools / "recompress.py", "bad.ptz", "--tensors", "0"], "--tensors takes"),
                           ([py, tools / "pack.py", "missing.py", "out.py"], "No such file"),
                           ([py, ROOT / "data" / "check_bytes.py", "a"], "usage"),
                           ([py, ROOT / "data" / "check_bytes.py", "none.model", "x.bin", "none.model", "x.bin"],

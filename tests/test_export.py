@@ -108,6 +108,13 @@ def test_recompress_reports_each_codec_and_shuffle(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0].startswith("raw payload:") and [x.split(":")[0] for x in lines[1:]] == ["zstd byte_shuffle 0", "zstd byte_shuffle 2"]
     assert int(lines[1].split()[3]) == (tmp_path / "a").stat().st_size
+    r = subprocess.run([sys.executable, str(tg.Path(tg.__file__).parent / "tools" / "recompress.py"), str(tmp_path / "a"),
+                        "zstd", "--tensors", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.split("each compressed alone (with its scales), ")[1].splitlines()[1:]
+    costs = [int(line.split(": ")[1].split()[0]) for line in listed]
+    assert len(listed) == 3 and costs == sorted(costs, reverse=True) and "tok_emb.weight int8 320x64:" in r.stdout
+    assert all("zeros" in line for line in listed if " int" in line) and not any(".scale " in x for x in listed)
 
 
 def test_same_weights_give_the_same_bytes(tmp_path):

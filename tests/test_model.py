@@ -216,6 +216,25 @@ def test_schedule_reaches_every_optimizer_after_a_state_restore():
     assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))
 
 
+def test_adam_lr_decay_off_keeps_adamw_at_its_full_lr():
+    """ADAM_LR_DECAY=0: at LR scale 0 the Muon matrices stay put, while AdamW's tables and scalars still take
+    full-LR steps (proxy5's setting); with the default every weight stays put."""
+    for decay in (True, False):
+        torch.manual_seed(0)
+        hp = tiny_hp(adam_lr_decay=decay)
+        m = tg.GPT(hp, dtype=torch.float32)
+        opt = tg.Optimizers(m, hp, 0, 1, compile_ns=False)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        ids = torch.randint(0, hp.vocab_size, (2, 16))
+        m(ids, ids).backward()
+        opt.step(0.0, 0.9)
+        muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+        moved = {n for n, p in m.named_parameters() if not torch.equal(before[n], p)}
+        assert not moved & {n for n, p in m.named_parameters() if id(p) in muon}
+        assert (("tok_emb.weight" in moved) and ("blocks.0.attn_scale" in moved)) == (not decay)
+        assert [g["lr"] for g in opt.adam.param_groups] == ([0.0, 0.0] if decay else [hp.tied_embed_lr, hp.scalar_lr])
+
+
 def matrices_model(weights: list[torch.Tensor]) -> torch.nn.Module:
     """CastedLinear layers with the given matrices, plus one vector parameter (the last weight) for AdamW."""
     m = torch.nn.Module()

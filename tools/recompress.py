@@ -1,5 +1,10 @@
-"""Size of an artifact's model under other codecs and byte shuffles (BYTE_SHUFFLE):
-python3 tools/recompress.py ARTIFACT [CODEC ...] [--shuffle 0,2,4]"""
+"""Size of an artifact's model under other codecs and byte shuffles (BYTE_SHUFFLE), and where its bytes go:
+python3 tools/recompress.py ARTIFACT [CODEC ...] [--shuffle 0,2,4] [--tensors N]
+
+--tensors N lists the N tensors that cost most, each compressed alone with the first codec: stored kind, shape,
+compressed bytes, for integer tensors the share of zeros and the mean |value| in steps, and the row scales' mean
+(which is what a smaller weight, under the clip floor, changes)."""
+import json
 import sys
 import time
 from pathlib import Path
@@ -11,7 +16,13 @@ from cli import UsageError, run  # noqa: E402
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    strides = [0]
+    strides, top = [0], 0
+    if "--tensors" in argv:
+        i = argv.index("--tensors")
+        if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
+            raise UsageError("--tensors takes how many tensors to list, e.g. --tensors 20")
+        top = int(argv[i + 1])
+        del argv[i:i + 2]
     if "--shuffle" in argv:
         i = argv.index("--shuffle")
         try:
@@ -35,7 +46,34 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             n = len(tg.compress(tg.shuffle_bytes(raw, stride), codec)) + 5
             print(f"{codec} byte_shuffle {stride}: {n} bytes ({time.perf_counter() - t0:.1f}s)")
+    if top:
+        print_tensor_costs(raw, codecs[0], top)
     return 0
+
+
+def print_tensor_costs(raw: bytes, codec: str, top: int):
+    """The pack_state layout: u32 header length, JSON header (name, kind, dtype, shape, offset, bytes), payload."""
+    hlen = int.from_bytes(raw[:4], "little")
+    entries, payload = json.loads(raw[4:4 + hlen])["tensors"], raw[4 + hlen:]
+    stored = {name: (kind, tg.np.frombuffer(payload, dtype=dtype, count=n // tg.np.dtype(dtype).itemsize, offset=off))
+              for name, kind, dtype, _, off, n in entries}
+    rows = []
+    for name, kind, dtype, shape, off, n in entries:
+        if kind == "scale":
+            continue
+        values = stored[name][1]
+        cost = len(tg.compress(payload[off:off + n], codec))
+        detail = ""
+        if kind.startswith("int"):
+            scale = stored[name + ".scale"][1].astype("float64")
+            cost += len(tg.compress(scale.astype("float16").tobytes(), codec))
+            detail = (f" zeros {(values == 0).mean():.1%} mean|q| {tg.np.abs(values.astype('int32')).mean():.2f}"
+                      f" mean scale {scale.mean():.3e}")
+        rows.append((cost, f"{name} {kind} {'x'.join(map(str, shape))}: {cost} bytes{detail}"))
+    rows.sort(key=lambda r: -r[0])
+    print(f"tensors by {codec} bytes, each compressed alone (with its scales), {len(rows)} in all:")
+    for _, line in rows[:top]:
+        print("  " + line)
 
 
 if __name__ == "__main__":
