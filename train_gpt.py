@@ -159,9 +159,8 @@ class Hyperparameters:
     def train_seconds(self) -> float:
         """The training loop's wallclock cap (0 = none): with GPTQ the calibration's reserve comes off it, so that
         training and calibration together stay within MAX_WALLCLOCK_SECONDS."""
-        if self.max_wallclock_seconds <= 0 or self.quantizer != "gptq":
-            return self.max_wallclock_seconds
-        return self.max_wallclock_seconds - self.gptq_reserve_seconds
+        reserve = self.gptq_reserve_seconds if self.max_wallclock_seconds > 0 and self.quantizer == "gptq" else 0.0
+        return self.max_wallclock_seconds - reserve
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(int(b) for b in self.mixed_bits.split(","))
@@ -186,9 +185,8 @@ class Hyperparameters:
     @property
     def layer_slopes(self) -> tuple[float, ...]:
         """The MLP's leaky ReLU slope in each layer."""
-        if not self.leaky_relu_slopes:
-            return (self.leaky_relu_slope,) * self.num_layers
-        return tuple(float(s) for s in self.leaky_relu_slopes.split(","))
+        slopes = self.leaky_relu_slopes
+        return tuple(float(s) for s in slopes.split(",")) if slopes else (self.leaky_relu_slope,) * self.num_layers
     def validate(self):
         """Every value a run can get wrong, checked before anything is read or built."""
         def need(ok: bool, name: str, rule: str):
@@ -900,9 +898,7 @@ class Muon(torch.optim.Optimizer):
                 self.banks.append((gi, ps, bank, bank.new_zeros((per_rank, *shape)) if world > 1 else bank))
     def reduce_grads(self) -> list:
         """Start summing the banks over ranks into each rank's slice (async handles)."""
-        if self.world == 1:
-            return []
-        return [REDUCE_SCATTER(mine, bank, async_op=True) for _, _, bank, mine in self.banks]
+        return [REDUCE_SCATTER(mine, bank, async_op=True) for _, _, bank, mine in self.banks] if self.world > 1 else []
     def local_sq_norm(self) -> Tensor:
         return sum(mine.square().sum() for *_, mine in self.banks)
     @torch.no_grad()
@@ -1007,9 +1003,7 @@ class Schedule:
     def warmdown(self, p: float) -> float:
         """1 until the warmdown (the last WARMDOWN_FRAC of the run), then linear to 0 at its end: the LR scale
         without its floor, which also times late QAT."""
-        if self.warmdown_frac <= 0:
-            return 1.0
-        return max(0.0, min(1.0, (1.0 - p) / self.warmdown_frac))
+        return max(0.0, min(1.0, (1.0 - p) / self.warmdown_frac)) if self.warmdown_frac > 0 else 1.0
     def lr_scale(self, p: float) -> float:
         return max(self.warmdown(p), self.lr_floor)
     def momentum(self, p: float) -> float:
@@ -1603,6 +1597,14 @@ def scored_chunks(num_preds: int, seq_len: int, stride: int) -> list[tuple[int, 
 def rank_slice(items: list, rank: int, world: int) -> list:
     return items[rank * len(items) // world:(rank + 1) * len(items) // world]
 
+def balanced_share(items: list, cost, rank: int, world: int) -> list:
+    """This rank's items, each given in turn to the least-loaded rank (costliest first: the ranks end together)."""
+    load, mine = [0] * world, []
+    for item in items:
+        r = load.index(min(load))
+        load[r], mine = load[r] + cost(item), mine + [item] * (r == rank)
+    return mine
+
 def eval_spans(num_preds: int, seq_len: int, stride: int, span_preds: int, rank: int, world: int):
     """In stream order: ((start, end) of a span of predictions, this rank's chunks of it). Spans hold whole chunks
     and at most span_preds predictions (0: the whole stream is one span); every rank sees every span."""
@@ -1640,10 +1642,8 @@ class Adapter:
     span_preds, batch_seqs = 0, 0  # batch_seqs: rows per scored batch (0: the evaluation's)
     def spans(self, num_preds: int, seq_len: int, stride: int, rank: int, world: int):
         return eval_spans(num_preds, seq_len, stride, self.span_preds, rank, world)
-    def scored(self, x: Tensor, y: Tensor, mask: Tensor, losses: Tensor):
-        pass
-    def adapt(self, start: int, end: int):
-        pass
+    def scored(self, x: Tensor, y: Tensor, mask: Tensor, losses: Tensor): pass
+    def adapt(self, start: int, end: int): pass
 
 def evaluate(model, tokens: Tensor, tables, seq_len: int, stride: int, batch_seqs: int, rank: int, world: int,
              adapter: Adapter | None = None) -> tuple[float, float]:
@@ -1759,7 +1759,7 @@ class DocLoRA(TTT):
     one Adam step on its mean loss. Deltas and Adam's state start afresh with each batch (longest documents first), so
     a document learns from its own scored tokens only (TTT_LORA_RESET=warm_a keeps A). With TTT_LORA_PHASES the
     documents are cut in stream order, and after each part but the last the base weights learn from it (`phase`);
-    else the artifact's weights never change. Ranks take whole batches."""
+    else the artifact's weights never change. Ranks take whole batches, balanced by their steps."""
     synced = False
     def __init__(self, model: nn.Module, base: GPT, tokens: Tensor, hp: Hyperparameters, world: int, rank: int, log,
                  bos: int):
@@ -1770,7 +1770,7 @@ class DocLoRA(TTT):
         for a, b in zip(cuts, cuts[1:]):  # (first prediction, end, this rank's numbered batches) of each part
             part = sorted(docs[a:b], key=lambda d: d[0] - d[1])
             batches = list(enumerate((part[i:i + D] for i in range(0, len(part), D)), n))
-            self.parts.append((docs[a][0], docs[b - 1][1], rank_slice(batches, rank, world)))
+            self.parts.append((docs[a][0], docs[b - 1][1], balanced_share(batches, self.batch_steps, rank, world)))
             n += len(batches)
         self.sgd = ChunkTTT(model, base, tokens, hp, world, rank, log) if len(self.parts) > 1 else None
         role = {"attn.c_q": "q", "attn.c_k": "k", "attn.c_v": "v", "attn.proj": "o", "mlp.fc": "up", "mlp.proj": "down"}
@@ -1791,7 +1791,9 @@ class DocLoRA(TTT):
         log(f"ttt: lora rank {hp.ttt_lora_rank} on {hp.ttt_lora_targets} ({len(self.mods)} matrices), {len(docs)} documents "
             f"in {len(self.parts)} part(s), batches of {D}, chunks of {self.span_preds} predictions; graphs warmed up in "
             f"{time.perf_counter() - t0:.1f}s")
-        self.start_clock(sum(-(-(b[0][1] - b[0][0]) // self.span_preds) for *_, bs in self.parts for _, b in bs), "steps")
+        self.start_clock(sum(self.batch_steps(b) for *_, bs in self.parts for b in bs), "steps")
+    def batch_steps(self, batch: tuple[int, list]) -> int:
+        return -(-(batch[1][0][1] - batch[1][0][0]) // self.span_preds)  # its longest (first) document's chunks
     def deltas_on(self, on: bool):
         """The deltas in the forward and the base weights frozen, or neither."""
         for m, lora in zip(self.mods, self.loras):
@@ -1901,8 +1903,7 @@ class Logger:
         self.file.flush()
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
