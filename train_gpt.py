@@ -245,6 +245,8 @@ class Hyperparameters:
              f"must be one fraction in [0, 1) or RECUR_LOOPS={self.recur_loops} increasing ones")
         need(self.engram_orders in (1, 2), "engram_orders", "must be 1 (bigrams) or 2 (bigrams and trigrams)")
         need(self.eval_stride <= self.eval_seq_len, "eval_stride", f"must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.ttt_lora_chunk <= self.eval_seq_len, "ttt_lora_chunk",
+             f"must be at most EVAL_SEQ_LEN={self.eval_seq_len}: one window scores a chunk")
         need(self.model_dim % self.num_heads == 0, "model_dim", f"must be a multiple of NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0, "num_heads", f"must be a multiple of NUM_KV_HEADS={self.num_kv_heads}")
         need(self.rope_dims % 2 == 0 and self.rope_dims <= self.model_dim // self.num_heads, "rope_dims",
