@@ -107,17 +107,19 @@ def test_a_token_changes_only_its_own_document_and_only_after_it_is_scored():
     assert any(peek[p] != peek_changed[p] for p in range(16, k - 1))
 
 
-def test_the_ttt_score_counts_the_bytes_and_tokens_of_the_sliding_score():
-    """With byte counts that vary by token (a leading space, BOS a boundary), the LoRA score divides by the same
-    tokens and bytes as the sliding one: val_loss / bpb is the same ratio (a chunk longer than the window once left
-    predictions unscored: 426 of 1,095 on the quickstart's val, which TTT_LORA_CHUNK <= EVAL_SEQ_LEN now rules out)."""
+@pytest.mark.parametrize("mode", ["chunk", "lora", "phased"])
+def test_the_ttt_score_counts_the_bytes_and_tokens_of_the_sliding_score(mode):
+    """With byte counts that vary by token (a leading space, BOS a boundary), a TTT score divides by the same
+    tokens and bytes as the sliding one: val_loss / bpb is the same ratio (a LoRA chunk longer than the window once
+    left predictions unscored: 426 of 1,095 on the quickstart's val; TTT_LORA_CHUNK <= EVAL_SEQ_LEN rules it out)."""
     gen = torch.Generator().manual_seed(3)
     tables = (torch.randint(1, 4, (320,), generator=gen, dtype=torch.int32), torch.rand(320, generator=gen) < 0.5,
               torch.arange(320) == BOS)
-    hp, tokens = lora_hp(), doc_stream()
+    hp, tokens = lora_hp(TTT_CHUNK_TOKENS=200, TTT_LORA_PHASES="0.5" if mode == "phased" else ""), doc_stream()
     model = tiny_model(hp)
     plain = tg.evaluate(model, tokens, tables, hp.eval_seq_len, hp.eval_stride, 4, 0, 1)
-    ad = tg.DocLoRA(model, model, tokens, hp, 1, 0, lambda _: None, BOS)
+    ad = tg.ChunkTTT(model, model, tokens, hp, 1, 0, lambda _: None) if mode == "chunk" else \
+        tg.DocLoRA(model, model, tokens, hp, 1, 0, lambda _: None, BOS)
     ttt = tg.evaluate(model, tokens, tables, hp.eval_seq_len, hp.eval_stride, 4, 0, 1, ad)
     assert ttt[0] != plain[0] and ttt[1] / ttt[0] == pytest.approx(plain[1] / plain[0], rel=1e-12)
 
