@@ -1718,8 +1718,8 @@ class ChunkTTT(TTT):
         zeros = torch.zeros(self.rows // world, seq, dtype=tokens.dtype, device=tokens.device)
         model(zeros, zeros.clone(), per_token=True).sum().backward()  # two tensors: one twice compiles for aliased inputs
         self.grads.zero_()
-        log(f"ttt: chunk {self.span_preds} tokens, {spans} chunks, {len(self.params)} tensors adapted; training "
-            f"graph warmed up in {time.perf_counter() - t0:.1f}s")
+        log(f"ttt: SGD on chunks of {self.span_preds} predictions ({spans} in the stream), {len(self.params)} tensors "
+            f"adapted; training graph warmed up in {time.perf_counter() - t0:.1f}s")
         self.start_clock(spans - 1, "chunks")
     def span_rows(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's rows of predictions [start, end): (inputs, targets, mask), padding masked out."""
