@@ -1641,7 +1641,7 @@ class Adapter:
     (0: one span); all ranks score a span (`scored` sees each batch with its per-token losses), then every rank
     calls `adapt(start, end)`: the weights may learn from predictions [start, end), all scored already, and
     nothing is scored twice. `spans` may plan the scoring otherwise (DocLoRA). This one learns nothing."""
-    span_preds, batch_seqs = 0, 0  # batch_seqs: rows per scored batch (0: the evaluation's)
+    span_preds, batch_seqs, grad = 0, 0, False  # rows per scored batch (0: the evaluation's); grad: scores keep their graph
     def spans(self, num_preds: int, seq_len: int, stride: int, rank: int, world: int):
         return eval_spans(num_preds, seq_len, stride, self.span_preds, rank, world)
     def scored(self, x: Tensor, y: Tensor, mask: Tensor, losses: Tensor): pass
@@ -1654,11 +1654,11 @@ def evaluate(model, tokens: Tensor, tables, seq_len: int, stride: int, batch_seq
     batch_seqs = adapter.batch_seqs or batch_seqs
     sums = torch.zeros(3, device=tokens.device, dtype=torch.float64)  # loss, tokens, bytes
     for (start, end), chunks in adapter.spans(tokens.numel() - 1, seq_len, stride, rank, world):
-        with torch.no_grad():
+        with torch.set_grad_enabled(adapter.grad):
             for i in range(0, len(chunks), batch_seqs):
                 x, y, mask = window_batch(tokens, chunks[i:i + batch_seqs], seq_len, batch_seqs)
                 losses = model(x, y, per_token=True).double()
-                sums[0] += (losses * mask).sum()
+                sums[0] += (losses.detach() * mask).sum()
                 sums[1] += mask.sum()
                 sums[2] += (count_bytes(x, y, tables) * mask).sum()
                 adapter.scored(x, y, mask, losses)
@@ -1762,7 +1762,7 @@ class DocLoRA(TTT):
     a document learns from its own scored tokens only (TTT_LORA_RESET=warm_a keeps A). With TTT_LORA_PHASES the
     documents are cut in stream order, and after each part but the last the base weights learn from it (`phase`);
     else the artifact's weights never change. Ranks take whole batches, balanced by their steps."""
-    synced = False
+    synced, grad = False, True  # a chunk's scoring pass is its training forward too
     def __init__(self, model: nn.Module, base: GPT, tokens: Tensor, hp: Hyperparameters, world: int, rank: int, log,
                  bos: int):
         self.model, self.tokens, self.hp, self.world, self.log = model, tokens, hp, world, log
@@ -1786,9 +1786,7 @@ class DocLoRA(TTT):
         self.frozen = [p for p in base.parameters() if p.requires_grad]
         self.deltas_on(True)
         t0, zeros = time.perf_counter(), torch.zeros(D, hp.eval_seq_len, dtype=tokens.dtype, device=tokens.device)
-        with torch.no_grad():  # the scoring and the training graph, compiled before the clock (B = 0: no change yet)
-            model(zeros, zeros.clone(), per_token=True)
-        model(zeros, zeros.clone(), per_token=True).sum().backward()  # two tensors (ChunkTTT's warm-up says why)
+        model(zeros, zeros.clone(), per_token=True).sum().backward()  # its one graph, before the clock (B = 0: no change)
         self.opt.zero_grad()
         log(f"ttt: lora rank {hp.ttt_lora_rank} on {hp.ttt_lora_targets} ({len(self.mods)} matrices), {len(docs)} documents "
             f"in {len(self.parts)} part(s), batches of {D}, chunks of {self.span_preds} predictions; graphs warmed up in "
@@ -1830,10 +1828,10 @@ class DocLoRA(TTT):
         self.deltas_on(True)
         self.log(f"ttt: phase on predictions [{start}, {end}): {self.sgd.adapted} SGD chunks in {time.perf_counter() - t0:.1f}s")
     def scored(self, x: Tensor, y: Tensor, mask: Tensor, losses: Tensor):
-        self.rows = (x, y, mask)
+        self.rows = (losses, mask)
     def learn(self, start: int, end: int):
-        x, y, mask = self.rows
-        ((self.model(x, y, per_token=True) * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
+        losses, mask = self.rows
+        ((losses * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
         self.opt.step()
         self.opt.zero_grad()
     def finish(self):

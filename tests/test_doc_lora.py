@@ -53,7 +53,8 @@ class Peeking(Recording):
 
     def spans(self, *args):
         for span, rows in super().spans(*args):
-            self.rows = tg.window_batch(self.tokens, rows, self.hp.eval_seq_len, self.batch_seqs)
+            x, y, mask = tg.window_batch(self.tokens, rows, self.hp.eval_seq_len, self.batch_seqs)
+            self.rows = (self.model(x, y, per_token=True), mask)
             Recording.adapt(self, 0, 0)
             yield span, rows
 
