@@ -36,7 +36,7 @@ def test_momentum_warms_up_linearly_then_holds():
     s = schedule(muon_momentum_warmup_start=0.92, muon_momentum=0.99, muon_momentum_warmup_frac=0.21)
     assert s.momentum(0.0) == 0.92 and s.momentum(0.105) == pytest.approx(0.955)
     assert s.momentum(0.21) == pytest.approx(0.99) and s.momentum(0.7) == 0.99
-    assert schedule(muon_momentum_warmup_frac=0).momentum(0.0) == 0.99
+    assert schedule(muon_momentum=0.99, muon_momentum_warmup_frac=0).momentum(0.0) == 0.99
 
 
 def test_ema_time_constant_is_a_fraction_of_the_run():
