@@ -192,7 +192,6 @@ class Hyperparameters:
         def need(ok: bool, name: str, rule: str):
             if not ok:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)!r} {rule}")
-
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_stride", "val_batch_size",
                      "train_log_every", "num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "bigram_dim",
                      "ve_dim", "engram_heads", "engram_dim", "muon_backend_steps", "recur_loops", "clock_sync_every", "size_limit",
@@ -211,7 +210,7 @@ class Hyperparameters:
                      "sdclip_k", "sdclip_k_embed", "gptq_damp"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name, allowed in (("compressor", CODECS), ("quantizer", QUANTIZERS), ("muon_backend", QUINTIC_COEFFS),
-                              ("bigram_hash", BIGRAM_HASHES), ("clip_mode", CLIP_MODES),
+                              ("bigram_hash", BIGRAM_HASHES), ("clip_mode", CLIP_MODES), ("ttt_lora_reset", ("fresh", "warm_a")),
                               ("attn_backend", ATTN_BACKENDS), ("mlp_kernel", MLP_KERNELS), ("ttt_mode", TTT_MODES)):
             need(getattr(self, name) in allowed, name, f"is not one of {', '.join(allowed)}")
         need(2 <= self.embed_quant_bits <= 8, "embed_quant_bits", "must be between 2 and 8 (stored as int8)")
@@ -231,7 +230,6 @@ class Hyperparameters:
         need(0 <= self.ttt_ema < 1, "ttt_ema", "must be in [0, 1): 0 = off, else the EMA's decay per chunk")
         need(set(self.ttt_lora_targets.split(",")) <= set(LORA_TARGETS), "ttt_lora_targets",
              f"must be a comma-separated list of {', '.join(LORA_TARGETS)}")
-        need(self.ttt_lora_reset in ("fresh", "warm_a"), "ttt_lora_reset", "is not one of fresh, warm_a")
         need(parses(lambda: all(a < b for a, b in zip((0, *self.lora_phases), (*self.lora_phases, 1)))),
              "ttt_lora_phases", "must be increasing comma-separated fractions in (0, 1)")
         need(self.parallel_resid_start == 0 or self.num_layers // 2 <= self.parallel_resid_start < self.num_layers,
@@ -1141,13 +1139,11 @@ def collect_hessians(model: GPT, loader: TrainLoader, batches: int, quant: Quant
     loader's next `batches` batches and over ranks. The block matrices' inputs, and for the tied embedding the
     final hidden state, the input of the output head (its other use, the token lookup, has no input to weigh)."""
     sums: dict[str, Tensor] = {}
-
     def add(names: list[str], x: Tensor):
         x = x.detach().reshape(-1, x.size(-1)).double()  # float64: no TF32 in the Hessian
         gram = x.T @ x  # once for q, k and v, which share their input
         for n in names:
             sums[n] = sums[n] + gram if n in sums else gram.clone()
-
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, CausalSelfAttention):  # q, k and v read the block's input in one matrix product
@@ -1479,14 +1475,12 @@ def shuffle_bytes(raw: bytes, stride: int, inverse: bool = False) -> bytes:
 def pack_state(state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer) -> bytes:
     """Quantise a state dict and lay it out as: u32 header length, JSON header, raw tensor bytes."""
     entries, chunks, offset = [], [], 0
-
     def add(name: str, kind: str, t: Tensor):
         nonlocal offset
         data = t.detach().cpu().contiguous().numpy().tobytes()
         entries.append([name, kind, str(t.dtype).removeprefix("torch."), list(t.shape), offset, len(data)])
         chunks.append(data)
         offset += len(data)
-
     for name, t in state.items():
         kind = quant.kind(name, t)
         if kind.startswith("int"):
@@ -1501,28 +1495,33 @@ def pack_state(state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer) 
     header = json.dumps({"config": config, "tensors": entries, "crc32": zlib.crc32(payload)}, sort_keys=True).encode()
     return len(header).to_bytes(4, "little") + header + payload
 
-def unpack_state(raw: bytes) -> tuple[dict, dict[str, Tensor]]:
-    """Inverse of pack_state, dequantising on the way: returns (model config, fp32 state dict)."""
+def stored_tensors(raw: bytes) -> tuple[dict, dict[str, tuple[str, np.ndarray]]]:
+    """pack_state's layout read back and checked, nothing dequantised: (header, name -> (kind, stored array))."""
     try:
         hlen = int.from_bytes(raw[:4], "little")
         header = json.loads(raw[4:4 + hlen])
-        config, entries, crc = header["config"], header["tensors"], header["crc32"]
+        entries, crc, _ = header["tensors"], header["crc32"], header["config"]
     except (ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"artifact header unreadable: {e}") from None
-    payload = raw[4 + hlen:]
+    payload = memoryview(raw)[4 + hlen:]
     if zlib.crc32(payload) != crc:
         raise ArtifactError("artifact payload checksum mismatch: corrupt artifact")
     try:
-        raw_tensors = {}
-        for name, kind, dtype, shape, off, nbytes in entries:
-            np_dtype = np.dtype(getattr(np, dtype))
-            arr = np.frombuffer(payload, dtype=np_dtype, count=nbytes // np_dtype.itemsize, offset=off)
-            raw_tensors[name] = (kind, torch.from_numpy(arr.copy()).view(shape))
-        state = {name: dequantize_rows(t, raw_tensors[name + ".scale"][1]) if kind.startswith("int") else t.float()
-                 for name, (kind, t) in raw_tensors.items() if kind != "scale"}
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # a table that does not fit its payload
+        return header, {name: (kind, np.frombuffer(payload[off:off + n], dtype=getattr(np, dtype)).reshape(shape))
+                        for name, kind, dtype, shape, off, n in entries}
+    except (ValueError, TypeError, AttributeError) as e:  # a table that does not fit its payload
         raise ArtifactError(f"artifact tensor table does not match its payload ({type(e).__name__}: {e})") from None
-    return config, state
+
+def unpack_state(raw: bytes) -> tuple[dict, dict[str, Tensor]]:
+    """Inverse of pack_state, dequantising on the way: returns (model config, fp32 state dict)."""
+    header, stored = stored_tensors(raw)
+    t = lambda name: torch.from_numpy(stored[name][1].copy())
+    try:
+        state = {name: dequantize_rows(t(name), t(name + ".scale")) if kind.startswith("int") else t(name).float()
+                 for name, (kind, _) in stored.items() if kind != "scale"}
+    except (KeyError, RuntimeError) as e:  # integers without their scales, or scales of another shape
+        raise ArtifactError(f"artifact tensor table does not match its payload ({type(e).__name__}: {e})") from None
+    return header["config"], state
 
 def write_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, quant: Quantizer, log=None) -> int:
     """MAGIC, one byte (codec | byte-shuffle stride << 4), the compressed (shuffled) pack_state payload."""
@@ -1676,8 +1675,8 @@ class TTT(Adapter):
     """Both TTT modes: after a span is scored, `adapt` has the weights `learn` from it (never from the stream's last
     span) until TTT_BUDGET_SECONDS have passed, then says so and scores the rest as they are; `finish` reports."""
     synced = True  # the budget by rank 0's clock, so that every rank stops at the same span
-    def start_clock(self, steps: int, unit: str):
-        self.steps, self.unit, self.adapted, self.stopped, self.adapt_s, self.t0 = steps, unit, 0, False, 0.0, time.perf_counter()
+    def start_clock(self, steps: int, unit: str, t0: float = 0.0):  # t0: a budget's start (else now)
+        self.steps, self.unit, self.adapted, self.stopped, self.adapt_s, self.t0 = steps, unit, 0, False, 0.0, t0 or time.perf_counter()
     def adapt(self, start: int, end: int):
         if self.stopped or end >= self.tokens.numel() - 1:
             return
@@ -1758,21 +1757,23 @@ class DocLoRA(TTT):
     """TTT_MODE=lora: each document is scored on its own (no window reaches into the one before) in chunks of
     TTT_LORA_CHUNK predictions, TTT_LORA_DOCS documents side by side, a batch row each with its own rank-r deltas
     (x @ A) @ B on the TTT_LORA_TARGETS matrices (A random, B zero: no change at first); after each chunk is scored,
-    one Adam step on its mean loss. Deltas and Adam's state start afresh with each batch (longest documents first), so
-    a document learns from its own scored tokens only (TTT_LORA_RESET=warm_a keeps A). With TTT_LORA_PHASES the
-    documents are cut in stream order, and after each part but the last the base weights learn from it (`phase`);
-    else the artifact's weights never change. Ranks take whole batches, balanced by their steps."""
+    one Adam step on its mean loss (but the batch's last, whose step nothing would use). Deltas and Adam's state start
+    afresh with each batch (longest documents first), so a document learns from its own scored tokens only
+    (TTT_LORA_RESET=warm_a keeps A, and steps on the last chunk too). With TTT_LORA_PHASES the documents are cut in
+    stream order, and after each part but the last the base weights learn from it (`phase`); else the artifact's
+    weights never change. Ranks take whole batches, balanced by their chunks."""
     synced, grad = False, True  # a chunk's scoring pass is its training forward too
     def __init__(self, model: nn.Module, base: GPT, tokens: Tensor, hp: Hyperparameters, world: int, rank: int, log,
                  bos: int):
         self.model, self.tokens, self.hp, self.world, self.log = model, tokens, hp, world, log
         self.span_preds, self.batch_seqs, D = hp.ttt_lora_chunk, hp.ttt_lora_docs, hp.ttt_lora_docs
+        self.fresh = int(hp.ttt_lora_reset == "fresh")  # a batch's deltas go after its last chunk: no step on that one
         docs, self.parts, n = document_spans(tokens, bos), [], 0
         cuts = sorted({0, *(round(f * len(docs)) for f in hp.lora_phases), len(docs)})
         for a, b in zip(cuts, cuts[1:]):  # (first prediction, end, this rank's numbered batches) of each part
             part = sorted(docs[a:b], key=lambda d: d[0] - d[1])
             batches = list(enumerate((part[i:i + D] for i in range(0, len(part), D)), n))
-            self.parts.append((docs[a][0], docs[b - 1][1], balanced_share(batches, self.batch_steps, rank, world)))
+            self.parts.append((docs[a][0], docs[b - 1][1], balanced_share(batches, self.batch_chunks, rank, world)))
             n += len(batches)
         self.sgd = ChunkTTT(model, base, tokens, hp, world, rank, log) if len(self.parts) > 1 else None
         role = {"attn.c_q": "q", "attn.c_k": "k", "attn.c_v": "v", "attn.proj": "o", "mlp.fc": "up", "mlp.proj": "down"}
@@ -1791,8 +1792,8 @@ class DocLoRA(TTT):
         log(f"ttt: lora rank {hp.ttt_lora_rank} on {hp.ttt_lora_targets} ({len(self.mods)} matrices), {len(docs)} documents "
             f"in {len(self.parts)} part(s), batches of {D}, chunks of {self.span_preds} predictions; graphs warmed up in "
             f"{time.perf_counter() - t0:.1f}s")
-        self.start_clock(sum(self.batch_steps(b) for *_, bs in self.parts for b in bs), "steps")
-    def batch_steps(self, batch: tuple[int, list]) -> int:
+        self.start_clock(sum(self.batch_chunks(b) - self.fresh for *_, bs in self.parts for b in bs), "steps")
+    def batch_chunks(self, batch: tuple[int, list]) -> int:
         return -(-(batch[1][0][1] - batch[1][0][0]) // self.span_preds)  # its longest (first) document's chunks
     def deltas_on(self, on: bool):
         """The deltas in the forward and the base weights frozen, or neither."""
@@ -1812,9 +1813,10 @@ class DocLoRA(TTT):
                             a.copy_(torch.randn(a.shape, generator=gen) / a.size(1) ** 0.5)
                         z.zero_()
                 self.opt.state.clear()
-                for c in range(0, docs[0][1] - docs[0][0], self.span_preds):
+                for c in range(0, n := docs[0][1] - docs[0][0], self.span_preds):
                     rows = [(min(s + c, e), min(s + c + self.span_preds, e), s) for s, e in docs]
-                    yield (0, 0), rows + [(0, 0, 0)] * (self.batch_seqs - len(rows))
+                    last = self.fresh and c + self.span_preds >= n  # a span ending the stream: `adapt` learns nothing
+                    yield (0, self.tokens.numel() - 1 if last else 0), rows + [(0, 0, 0)] * (self.batch_seqs - len(rows))
             if p < len(self.parts) - 1:
                 self.phase(start, end)
     def phase(self, start: int, end: int):
@@ -1822,7 +1824,7 @@ class DocLoRA(TTT):
         over this part) on predictions [start, end), which every rank has scored, TTT_CHUNK_TOKENS at a time."""
         t0, C = time.perf_counter(), self.hp.ttt_chunk_tokens
         self.deltas_on(False)
-        self.sgd.steps, self.sgd.adapted, self.sgd.t0 = -(-(end - start) // C), 0, self.t0  # one budget for both
+        self.sgd.start_clock(-(-(end - start) // C), "chunks", t0=self.t0)  # one budget for both
         for a in range(start, end, C):
             self.sgd.adapt(a, min(a + C, end))
         self.deltas_on(True)
@@ -1876,7 +1878,7 @@ def score_artifact(path: str, code_bytes: int, ev: EvalContext):
 
 def with_artifact_config(hp: Hyperparameters, path: str) -> Hyperparameters:
     """The model shape comes from the artifact's header, whatever the env says."""
-    config, _ = unpack_state(read_payload(path))
+    config = stored_tensors(read_payload(path))[0]["config"]  # the header alone: score_artifact dequantises
     missing = [k for k in MODEL_KEYS if k not in config]
     try:
         if missing:

@@ -81,11 +81,30 @@ def test_every_prediction_is_scored_once_and_the_first_chunk_as_without_ttt():
     still, still_result, _, _ = lora_losses(tokens, TTT_LORA_LR=0)
     learned, result, ad, _ = lora_losses(tokens)
     assert sorted(learned) == sorted(still) == list(range(tokens.numel() - 1))
-    assert ad.adapted == ad.steps == 10 + 3 + 1  # batches of 3, longest first: 151 131 71 | 41 25 10 | 2 predictions
+    # batches of 3, longest first: 151 131 71 | 41 25 10 | 2 predictions: 10, 3, 1 chunks, no step on each batch's last
+    assert ad.adapted == ad.steps == 9 + 2 + 0
     first = [p for s, e in tg.document_spans(tokens, BOS) for p in range(s, min(s + 16, e))]
     assert all(learned[p] == still[p] for p in first)  # B starts at zero: nothing changes before a step
     assert any(abs(learned[p] - still[p]) > 1e-4 for p in learned if p not in first)
     assert result != still_result
+
+
+class StepsOnLast(Recording):
+    """DocLoRA that also steps after each batch's last chunk, as it did before that step was dropped."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.fresh = 0
+
+
+def test_no_step_after_a_batch_s_last_chunk_and_no_score_misses_it():
+    tokens = doc_stream()
+    learned, result, ad, _ = lora_losses(tokens)
+    every, every_result, every_ad, _ = lora_losses(tokens, adapter=StepsOnLast)
+    assert every_ad.adapted == 10 + 3 + 1 and ad.adapted == 9 + 2 + 0
+    assert learned == every and result == every_result  # fresh deltas: the dropped steps fed nothing
+    warm = lora_losses(tokens, TTT_LORA_RESET="warm_a")[2]
+    assert warm.adapted == warm.steps == 10 + 3 + 1  # A is carried over: its last step feeds the next batch
 
 
 def test_a_token_changes_only_its_own_document_and_only_after_it_is_scored():

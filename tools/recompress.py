@@ -4,7 +4,6 @@ python3 tools/recompress.py ARTIFACT [CODEC ...] [--shuffle 0,2,4] [--tensors N]
 --tensors N lists the N tensors that cost most, each compressed alone with the first codec: stored kind, shape,
 compressed bytes, for integer tensors the share of zeros and the mean |value| in steps, and the row scales' mean
 (which is what a smaller weight, under the clip floor, changes)."""
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ def main(argv=None) -> int:
     if unknown:
         raise UsageError(f"unknown codec {', '.join(unknown)} (use {', '.join(tg.CODECS)})")
     raw = tg.read_payload(argv[0])  # a readable artifact, or one clear error
-    tg.unpack_state(raw)
+    tg.stored_tensors(raw)  # a table that fits its payload, or one clear error
     print(f"raw payload: {len(raw)} bytes")
     for codec in codecs:
         for stride in strides:
@@ -52,24 +51,19 @@ def main(argv=None) -> int:
 
 
 def print_tensor_costs(raw: bytes, codec: str, top: int):
-    """The pack_state layout: u32 header length, JSON header (name, kind, dtype, shape, offset, bytes), payload."""
-    hlen = int.from_bytes(raw[:4], "little")
-    entries, payload = json.loads(raw[4:4 + hlen])["tensors"], raw[4 + hlen:]
-    stored = {name: (kind, tg.np.frombuffer(payload, dtype=dtype, count=n // tg.np.dtype(dtype).itemsize, offset=off))
-              for name, kind, dtype, _, off, n in entries}
+    _, stored = tg.stored_tensors(raw)
     rows = []
-    for name, kind, dtype, shape, off, n in entries:
+    for name, (kind, values) in stored.items():
         if kind == "scale":
             continue
-        values = stored[name][1]
-        cost = len(tg.compress(payload[off:off + n], codec))
+        cost = len(tg.compress(values.tobytes(), codec))
         detail = ""
         if kind.startswith("int"):
             scale = stored[name + ".scale"][1].astype("float64")
             cost += len(tg.compress(scale.astype("float16").tobytes(), codec))
             detail = (f" zeros {(values == 0).mean():.1%} mean|q| {tg.np.abs(values.astype('int32')).mean():.2f}"
                       f" mean scale {scale.mean():.3e}")
-        rows.append((cost, f"{name} {kind} {'x'.join(map(str, shape))}: {cost} bytes{detail}"))
+        rows.append((cost, f"{name} {kind} {'x'.join(map(str, values.shape))}: {cost} bytes{detail}"))
     rows.sort(key=lambda r: -r[0])
     print(f"tensors by {codec} bytes, each compressed alone (with its scales), {len(rows)} in all:")
     for _, line in rows[:top]:
