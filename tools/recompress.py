@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     if unknown:
         raise UsageError(f"unknown codec {', '.join(unknown)} (use {', '.join(tg.CODECS)})")
     raw = tg.read_payload(argv[0])  # a readable artifact, or one clear error
-    tg.stored_tensors(raw)  # a table that fits its payload, or one clear error
+    _, stored = tg.stored_tensors(raw)  # a table that fits its payload, or one clear error
     print(f"raw payload: {len(raw)} bytes")
     for codec in codecs:
         for stride in strides:
@@ -46,12 +46,12 @@ def main(argv=None) -> int:
             n = len(tg.compress(tg.shuffle_bytes(raw, stride), codec)) + 5
             print(f"{codec} byte_shuffle {stride}: {n} bytes ({time.perf_counter() - t0:.1f}s)")
     if top:
-        print_tensor_costs(raw, codecs[0], top)
+        print_tensor_costs(stored, codecs[0], top)
     return 0
 
 
-def print_tensor_costs(raw: bytes, codec: str, top: int):
-    _, stored = tg.stored_tensors(raw)
+def print_tensor_costs(stored: dict, codec: str, top: int):
+    """`stored`: train_gpt.stored_tensors' arrays by name."""
     rows = []
     for name, (kind, values) in stored.items():
         if kind == "scale":
