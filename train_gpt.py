@@ -137,7 +137,7 @@ class Hyperparameters:
     gptq_damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
     gptq_block: int = 128  # columns per lazy error-feedback block
     quant_min_numel: int = 65_536  # tensors with at most this many elements pass through as fp16/fp32
-    quant_clip_floor: float = 1.0  # row clips never go below this (the record's scale >= 1/31): bounds the size
+    quant_clip_floor: float = 0.5  # row clips never go below this (the record's 1.0: scale >= 1/31): bounds the size
     size_fit: bool = True  # if the artifact is over SIZE_LIMIT, raise the clip floor by 10% until it fits
     embed_quant_bits: int = 8
     clip_percentiles: str = "0.999,0.9995,0.9999,0.99999,1.0"

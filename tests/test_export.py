@@ -67,7 +67,8 @@ def test_artifact_round_trip_gives_identical_logits(tmp_path, codec):
     ref = {}
     for name, t in state.items():
         if t.numel() > hp.quant_min_numel and t.ndim == 2:
-            ref[name] = tg.dequantize_rows(*tg.quantize_rows(t, 8 if "emb" in name else 6, hp.percentiles, 1.0))
+            ref[name] = tg.dequantize_rows(*tg.quantize_rows(t, 8 if "emb" in name else 6, hp.percentiles,
+                                                               hp.quant_clip_floor))
         else:
             control = t.ndim < 2 or name.endswith(("resid_mix", "skip_weights", "lanes"))
             ref[name] = t.to(torch.float32 if control else torch.float16).float()
