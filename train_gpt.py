@@ -161,32 +161,23 @@ class Hyperparameters:
         training and calibration together stay within MAX_WALLCLOCK_SECONDS."""
         reserve = self.gptq_reserve_seconds if self.max_wallclock_seconds > 0 and self.quantizer == "gptq" else 0.0
         return self.max_wallclock_seconds - reserve
-    @property
-    def widths(self) -> tuple[int, ...]:
-        return tuple(int(b) for b in self.mixed_bits.split(","))
+    widths = property(lambda self: csv_numbers(self.mixed_bits, int))
+    percentiles = property(lambda self: csv_numbers(self.clip_percentiles))
+    recur = property(lambda self: csv_numbers(self.recur_layers, int))
+    lora_phases = property(lambda self: csv_numbers(self.ttt_lora_phases))
     @property
     def block_bits(self) -> int:
         """The block matrices' bits for late QAT and a fixed-width export (with mixed: the lowest width)."""
         return self.widths[0] if self.quant_bits == "mixed" else int(self.quant_bits)
     @property
-    def percentiles(self) -> tuple[float, ...]:
-        return tuple(float(p) for p in self.clip_percentiles.split(","))
-    @property
-    def recur(self) -> tuple[int, ...]:
-        return tuple(int(i) for i in self.recur_layers.split(",")) if self.recur_layers else ()
-    @property
     def recur_starts(self) -> tuple[float, ...]:
         """The run fraction at which each extra pass switches on."""
-        starts = tuple(float(f) for f in self.recur_start_frac.split(","))
+        starts = csv_numbers(self.recur_start_frac)
         return starts * self.recur_loops if len(starts) == 1 else starts
-    @property
-    def lora_phases(self) -> tuple[float, ...]:
-        return tuple(float(f) for f in self.ttt_lora_phases.split(",")) if self.ttt_lora_phases else ()
     @property
     def layer_slopes(self) -> tuple[float, ...]:
         """The MLP's leaky ReLU slope in each layer."""
-        slopes = self.leaky_relu_slopes
-        return tuple(float(s) for s in slopes.split(",")) if slopes else (self.leaky_relu_slope,) * self.num_layers
+        return csv_numbers(self.leaky_relu_slopes) or (self.leaky_relu_slope,) * self.num_layers
     def validate(self):
         """Every value a run can get wrong, checked before anything is read or built."""
         def need(ok: bool, name: str, rule: str):
@@ -218,7 +209,7 @@ class Hyperparameters:
              "must be mixed or between 2 and 8 (stored as int8)")
         need(self.quant_bits != "mixed" or self.quantizer == "gptq", "quant_bits",
              "needs QUANTIZER=gptq (matrices are ranked by their Hessian-weighted error)")
-        need(parses(lambda: all(2 <= b <= 8 for b in self.widths) and list(self.widths) == sorted(set(self.widths))),
+        need(parses(lambda: list(self.widths) == sorted(set(self.widths)) and 2 <= self.widths[0] <= self.widths[-1] <= 8),
              "mixed_bits", "must be increasing comma-separated bit widths between 2 and 8")
         need(self.size_target <= self.size_limit or self.quant_bits != "mixed", "size_target",
              f"must be at most SIZE_LIMIT={self.size_limit}")
@@ -250,18 +241,22 @@ class Hyperparameters:
         need(self.rope_dims % 2 == 0 and self.rope_dims <= self.model_dim // self.num_heads, "rope_dims",
              f"must be even and at most the head dim ({self.model_dim // self.num_heads})")
         need(re.fullmatch(r"[\w.-]+", self.run_id) is not None, "run_id", "may hold only letters, digits, '_', '.', '-'")
-        need(parses(lambda: all(0 < p <= 1 for p in self.percentiles)), "clip_percentiles",
+        need(parses(lambda: self.percentiles and all(0 < p <= 1 for p in self.percentiles)), "clip_percentiles",
              "must be a comma-separated list of numbers in (0, 1]")
         need(parses(lambda: len(self.layer_slopes) == self.num_layers and all(-1 <= s <= 1 for s in self.layer_slopes)),
              "leaky_relu_slopes", f"must be {self.num_layers} comma-separated numbers in [-1, 1], one per layer")
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
+def csv_numbers(text: str, kind: type = float) -> tuple:
+    """A comma-separated setting's numbers ("" = none)."""
+    return tuple(kind(v) for v in text.split(",")) if text else ()
+
 def parses(check) -> bool:
-    """check(), or False where a list setting does not parse."""
+    """check(), or False where a list setting does not parse (or is empty where it needs an item)."""
     try:
         return bool(check())
-    except ValueError:
+    except (ValueError, IndexError):
         return False
 
 def parse_env_value(name: str, raw: str, kind: type):
@@ -1672,13 +1667,20 @@ LORA_TARGETS = ("q", "k", "v", "o", "up", "down", "head")
 FULL_VAL_TOKENS = 62_021_632  # the challenge's val split, for the eval-time projection
 
 class TTT(Adapter):
-    """Both TTT modes: after a span is scored, `adapt` has the weights `learn` from it (never from the stream's last
-    span) until TTT_BUDGET_SECONDS have passed, then says so and scores the rest as they are; `finish` reports."""
+    """Both TTT modes: after a span is scored, `adapt` has the weights `learn` from it (where it `learns`) until
+    TTT_BUDGET_SECONDS have passed, then says so and scores the rest as they are; `finish` reports."""
     synced = True  # the budget by rank 0's clock, so that every rank stops at the same span
     def start_clock(self, steps: int, unit: str, t0: float = 0.0):  # t0: a budget's start (else now)
         self.steps, self.unit, self.adapted, self.stopped, self.adapt_s, self.t0 = steps, unit, 0, False, 0.0, t0 or time.perf_counter()
+    def learns(self, start: int, end: int) -> bool:  # not from the stream's last span: nothing is scored after it
+        return end < self.tokens.numel() - 1
+    def warm_up(self, rows: int) -> float:
+        """Compile the training graph before the clock starts (token-0 rows, no step taken): its seconds."""
+        t0, zeros = time.perf_counter(), torch.zeros(rows, self.hp.eval_seq_len, dtype=self.tokens.dtype, device=self.tokens.device)
+        self.model(zeros, zeros.clone(), per_token=True).sum().backward()  # two tensors: one twice compiles for aliased inputs
+        return time.perf_counter() - t0
     def adapt(self, start: int, end: int):
-        if self.stopped or end >= self.tokens.numel() - 1:
+        if self.stopped or not self.learns(start, end):
             return
         flag = torch.tensor(float(0 < self.hp.ttt_budget_seconds < time.perf_counter() - self.t0), device=self.tokens.device)
         if self.synced and self.world > 1:
@@ -1713,12 +1715,9 @@ class ChunkTTT(TTT):
         self.fast = [w.clone() for w in self.weights] if hp.ttt_ema > 0 else None
         spans = sum(1 for _ in eval_spans(tokens.numel() - 1, seq, hp.eval_stride, self.span_preds, 0, 1))
         self.rows = -(-max(self.span_preds, seq) // seq // world) * world  # padded to a multiple of the ranks
-        t0 = time.perf_counter()  # compile the training graph before the clock starts: token 0 rows, no step taken
-        zeros = torch.zeros(self.rows // world, seq, dtype=tokens.dtype, device=tokens.device)
-        model(zeros, zeros.clone(), per_token=True).sum().backward()  # two tensors: one twice compiles for aliased inputs
-        self.grads.zero_()
         log(f"ttt: SGD on chunks of {self.span_preds} predictions ({spans} in the stream), {len(self.params)} tensors "
-            f"adapted; training graph warmed up in {time.perf_counter() - t0:.1f}s")
+            f"adapted; training graph warmed up in {self.warm_up(self.rows // world):.1f}s")
+        self.grads.zero_()
         self.start_clock(spans - 1, "chunks")
     def span_rows(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's rows of predictions [start, end): (inputs, targets, mask), padding masked out."""
@@ -1767,7 +1766,7 @@ class DocLoRA(TTT):
                  bos: int):
         self.model, self.tokens, self.hp, self.world, self.log = model, tokens, hp, world, log
         self.span_preds, self.batch_seqs, D = hp.ttt_lora_chunk, hp.ttt_lora_docs, hp.ttt_lora_docs
-        self.fresh = int(hp.ttt_lora_reset == "fresh")  # a batch's deltas go after its last chunk: no step on that one
+        self.skip_last = int(hp.ttt_lora_reset == "fresh")  # the batch's deltas go after its last chunk: no step on it
         docs, self.parts, n = document_spans(tokens, bos), [], 0
         cuts = sorted({0, *(round(f * len(docs)) for f in hp.lora_phases), len(docs)})
         for a, b in zip(cuts, cuts[1:]):  # (first prediction, end, this rank's numbered batches) of each part
@@ -1786,13 +1785,11 @@ class DocLoRA(TTT):
         self.opt = torch.optim.Adam([t for lora in self.loras for t in lora], lr=hp.ttt_lora_lr)
         self.frozen = [p for p in base.parameters() if p.requires_grad]
         self.deltas_on(True)
-        t0, zeros = time.perf_counter(), torch.zeros(D, hp.eval_seq_len, dtype=tokens.dtype, device=tokens.device)
-        model(zeros, zeros.clone(), per_token=True).sum().backward()  # its one graph, before the clock (B = 0: no change)
-        self.opt.zero_grad()
         log(f"ttt: lora rank {hp.ttt_lora_rank} on {hp.ttt_lora_targets} ({len(self.mods)} matrices), {len(docs)} documents "
             f"in {len(self.parts)} part(s), batches of {D}, chunks of {self.span_preds} predictions; graphs warmed up in "
-            f"{time.perf_counter() - t0:.1f}s")
-        self.start_clock(sum(self.batch_chunks(b) - self.fresh for *_, bs in self.parts for b in bs), "steps")
+            f"{self.warm_up(D):.1f}s")  # B = 0: the warm-up changes nothing
+        self.opt.zero_grad()
+        self.start_clock(sum(self.batch_chunks(b) - self.skip_last for *_, bs in self.parts for b in bs), "steps")
     def batch_chunks(self, batch: tuple[int, list]) -> int:
         return -(-(batch[1][0][1] - batch[1][0][0]) // self.span_preds)  # its longest (first) document's chunks
     def deltas_on(self, on: bool):
@@ -1815,8 +1812,8 @@ class DocLoRA(TTT):
                 self.opt.state.clear()
                 for c in range(0, n := docs[0][1] - docs[0][0], self.span_preds):
                     rows = [(min(s + c, e), min(s + c + self.span_preds, e), s) for s, e in docs]
-                    last = self.fresh and c + self.span_preds >= n  # a span ending the stream: `adapt` learns nothing
-                    yield (0, self.tokens.numel() - 1 if last else 0), rows + [(0, 0, 0)] * (self.batch_seqs - len(rows))
+                    self.last = c + self.span_preds >= n
+                    yield (0, 0), rows + [(0, 0, 0)] * (self.batch_seqs - len(rows))
             if p < len(self.parts) - 1:
                 self.phase(start, end)
     def phase(self, start: int, end: int):
@@ -1829,6 +1826,8 @@ class DocLoRA(TTT):
             self.sgd.adapt(a, min(a + C, end))
         self.deltas_on(True)
         self.log(f"ttt: phase on predictions [{start}, {end}): {self.sgd.adapted} SGD chunks in {time.perf_counter() - t0:.1f}s")
+    def learns(self, start: int, end: int) -> bool:
+        return not (self.skip_last and self.last)
     def scored(self, x: Tensor, y: Tensor, mask: Tensor, losses: Tensor):
         self.rows = (losses, mask)
     def learn(self, start: int, end: int):

@@ -94,7 +94,7 @@ class StepsOnLast(Recording):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.fresh = 0
+        self.skip_last = 0
 
 
 def test_no_step_after_a_batch_s_last_chunk_and_no_score_misses_it():

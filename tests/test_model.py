@@ -40,6 +40,8 @@ def test_env_parsing_and_errors():
     ({"QUANT_BITS": "9"}, "QUANT_BITS='9' must be mixed or between 2 and 8"),
     ({"QUANT_BITS": "mixed"}, "QUANT_BITS='mixed' needs QUANTIZER=gptq"),
     ({"MIXED_BITS": "6,5"}, "MIXED_BITS='6,5' must be increasing"),
+    ({"MIXED_BITS": ""}, "MIXED_BITS='' must be increasing"),
+    ({"MIXED_BITS": "5,9"}, "MIXED_BITS='5,9' must be increasing comma-separated bit widths between 2 and 8"),
     ({"COMPRESSOR": "lz4"}, "COMPRESSOR='lz4' is not one of zstd, brotli"),
     ({"QUANTIZER": "awq"}, "QUANTIZER='awq' is not one of gptq_lite, gptq"),
     ({"CLIP_MODE": "max"}, "CLIP_MODE='max' is not one of search, sdclip"),
@@ -48,6 +50,7 @@ def test_env_parsing_and_errors():
     ({"QUANTIZER": "gptq", "MAX_WALLCLOCK_SECONDS": "5", "GPTQ_RESERVE_SECONDS": "5"},
      "GPTQ_RESERVE_SECONDS=5.0 must be below MAX_WALLCLOCK_SECONDS=5.0"),
     ({"CLIP_PERCENTILES": "0.99,x"}, "CLIP_PERCENTILES='0.99,x' must be a comma-separated list"),
+    ({"CLIP_PERCENTILES": ""}, "CLIP_PERCENTILES='' must be a comma-separated list"),
     ({"RUN_ID": "../elsewhere"}, "RUN_ID='../elsewhere' may hold only"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(env, message):
