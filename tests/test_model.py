@@ -366,11 +366,11 @@ TODAY_LOSSES = [5.767948627471924, 6.04958963394165, 6.134584903717041, 6.107173
 
 
 def test_switches_off_give_todays_model():
-    """With every later record's switch off (LEAKY_RELU_SLOPE=0 and PARALLEL_RESID_START=0 too: their defaults
-    changed), the tiny model has the parameters it had before those switches existed and, over four optimizer steps on fixed batches (the last
+    """With every later record's switch off (LEAKY_RELU_SLOPE=0, PARALLEL_RESID_START=0 and QUANT_CLIP_FLOOR=1 too:
+    their defaults changed), the tiny model has the parameters it had before those switches existed and, over four optimizer steps on fixed batches (the last
     two with late QAT), the same losses (golden values from that code; 1e-5 leaves room for another CPU's
     rounding)."""
-    hp = tiny_hp(leaky_relu_slope=0.0, parallel_resid_start=0)
+    hp = tiny_hp(leaky_relu_slope=0.0, parallel_resid_start=0, quant_clip_floor=1.0)
     torch.manual_seed(0)
     m = tg.GPT(hp, dtype=torch.float32)
     assert [(n, tuple(p.shape)) for n, p in m.named_parameters()] == TODAY_PARAMS
