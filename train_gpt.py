@@ -1593,11 +1593,11 @@ def rank_slice(items: list, rank: int, world: int) -> list:
 
 def balanced_share(items: list, cost, rank: int, world: int) -> list:
     """This rank's items, each given in turn to the least-loaded rank (costliest first: the ranks end together)."""
-    load, mine = [0] * world, []
+    load, owners = [0] * world, []
     for item in items:
-        r = load.index(min(load))
-        load[r], mine = load[r] + cost(item), mine + [item] * (r == rank)
-    return mine
+        owners.append(r := load.index(min(load)))
+        load[r] += cost(item)
+    return [item for item, r in zip(items, owners) if r == rank]
 
 def eval_spans(num_preds: int, seq_len: int, stride: int, span_preds: int, rank: int, world: int):
     """In stream order: ((start, end) of a span of predictions, this rank's chunks of it). Spans hold whole chunks
