@@ -110,7 +110,7 @@ class Hyperparameters:
     muon_momentum_warmup_frac: float = 0.21
     muon_backend_steps: int = 5
     muon_backend: str = "newton_schulz"  # newton_schulz | polar_express (per-step coefficients) | turbo (AOL, see orthogonalize)
-    muon_row_norm: bool = False  # MuonEq-R: each row of the update normalised before the orthogonalisation
+    muon_row_norm: bool = True  # MuonEq-R: rows of the update normalised before the orthogonalisation (issue 13: −0.013)
     ns_margin: float = 1.01  # Newton-Schulz starts from G / (margin * |G|_F); the 1.1233 script has 1.0
     muon_wd: float = 0.04
     adam_wd: float = 0.04

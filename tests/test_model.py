@@ -269,8 +269,8 @@ def random_weights_and_grads(seed: int, ranks: int):
 
 
 def test_banked_muon_equals_per_matrix_muon():
-    """The banked step against plain per-matrix Muon: global-norm clip, Nesterov momentum, orthogonalise,
-    scale by sqrt(max(1, rows/cols)), decoupled weight decay."""
+    """The banked step against plain per-matrix Muon: global-norm clip, Nesterov momentum, orthogonalise (rows
+    normalised first: MUON_ROW_NORM's default), scale by sqrt(max(1, rows/cols)), decoupled weight decay."""
     weights, (grads,) = random_weights_and_grads(0, 1)
     got = optimizer_step(weights, grads)
     norm = torch.sqrt(sum(g.square().sum() for g in grads))
@@ -278,7 +278,7 @@ def test_banked_muon_equals_per_matrix_muon():
     lr, wd = OPT_HP["matrix_lr"], OPT_HP["muon_wd"]
     for w, g, p in zip(weights[:-1], grads, got):
         u = g * clip * (1 + 0.9)  # first step: the momentum buffer is the gradient itself
-        o = tg.orthogonalize(u[None], 5)[0].float() * max(1.0, w.size(0) / w.size(1)) ** 0.5
+        o = tg.orthogonalize(u[None], 5, row_norm=True)[0].float() * max(1.0, w.size(0) / w.size(1)) ** 0.5
         assert torch.allclose(p, w * (1 - lr * wd) - lr * o, atol=1e-6)
 
 
@@ -366,11 +366,11 @@ TODAY_LOSSES = [5.767948627471924, 6.04958963394165, 6.134584903717041, 6.107173
 
 
 def test_switches_off_give_todays_model():
-    """With every later record's switch off (LEAKY_RELU_SLOPE=0, PARALLEL_RESID_START=0 and QUANT_CLIP_FLOOR=1 too:
-    their defaults changed), the tiny model has the parameters it had before those switches existed and, over four optimizer steps on fixed batches (the last
+    """With every later record's switch off (LEAKY_RELU_SLOPE=0, PARALLEL_RESID_START=0, QUANT_CLIP_FLOOR=1 and
+    MUON_ROW_NORM=0 too: their defaults changed), the tiny model has the parameters it had before those switches existed and, over four optimizer steps on fixed batches (the last
     two with late QAT), the same losses (golden values from that code; 1e-5 leaves room for another CPU's
     rounding)."""
-    hp = tiny_hp(leaky_relu_slope=0.0, parallel_resid_start=0, quant_clip_floor=1.0)
+    hp = tiny_hp(leaky_relu_slope=0.0, parallel_resid_start=0, quant_clip_floor=1.0, muon_row_norm=0)
     torch.manual_seed(0)
     m = tg.GPT(hp, dtype=torch.float32)
     assert [(n, tuple(p.shape)) for n, p in m.named_parameters()] == TODAY_PARAMS
