@@ -151,8 +151,7 @@ class Hyperparameters:
         kw = {f.name: parse_env_value(f.name.upper(), env[f.name.upper()], type(f.default))
               for f in dataclasses.fields(cls) if f.name.upper() in env}
         hp = cls(**kw)
-        if not hp.run_id:
-            hp.run_id = time.strftime("run_%Y%m%d_%H%M%S") + f"_{os.getpid()}"
+        hp.run_id = hp.run_id or time.strftime("run_%Y%m%d_%H%M%S") + f"_{os.getpid()}"
         hp.validate()
         return hp
     @property
@@ -405,9 +404,7 @@ class CastedLinear(nn.Linear):
         self.qat: Quantizer | None = None
         self.lora: tuple[Tensor, Tensor] | None = None  # TTT_MODE=lora's per-document deltas (DocLoRA)
     def cast_weight(self, dtype: torch.dtype) -> Tensor:
-        w = self.weight
-        if self.qat is not None:
-            w = self.qat.qat_weight(w)
+        w = self.weight if self.qat is None else self.qat.qat_weight(self.weight)
         return w.to(dtype)
     def forward(self, x: Tensor) -> Tensor:
         return add_lora(self, x, F.linear(x, self.cast_weight(x.dtype)))
@@ -511,15 +508,13 @@ class CausalSelfAttention(nn.Module):
         qkv = F.linear(x, torch.cat([m.cast_weight(x.dtype) for m in projs]))
         q, k, v = (add_lora(m, x, t).view(B, T, -1, self.head_dim)
                    for m, t in zip(projs, qkv.split([m.out_features for m in projs], dim=-1)))
-        if ve is not None:
-            v = v + ve.view(B, T, self.kv_heads, self.head_dim)
+        v = v if ve is None else v + ve.view(B, T, self.kv_heads, self.head_dim)
         q = rms_norm(q) * self.q_gain.to(q.dtype)[:, None]
         k = rms_norm(k)
         freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.inv_freq)
         q, k = apply_partial_rope(q, freqs.cos(), freqs.sin()), apply_partial_rope(k, freqs.cos(), freqs.sin())
         y = attention(q, k, v, self.attn_impl)
-        if self.xsa:
-            y = remove_self_value(y, v)
+        y = remove_self_value(y, v) if self.xsa else y
         return self.proj(y.reshape(B, T, C))
 
 def squared_act(pre: Tensor, slope: float) -> Tensor:
@@ -766,13 +761,10 @@ class GPT(nn.Module):
         return ve * self.ve_layer_scales[i - self.ve_first].to(dtype) if ve is not None and i >= self.ve_first else None
     def hidden(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids).to(self.dtype)
-        if self.bigram is not None:
-            x = x + self.bigram(ids, self.dtype)
-        if self.engram is not None:
-            x = x + self.engram(ids, self.dtype)
+        x = x if self.bigram is None else x + self.bigram(ids, self.dtype)
+        x = x if self.engram is None else x + self.engram(ids, self.dtype)
         x = rms_norm(x)
-        if self.smear is not None:
-            x = self.smear(x)
+        x = x if self.smear is None else self.smear(x)
         x0, skips = x, []
         ve = self.ve(ids, self.dtype) if self.ve is not None else None
         for i, block in enumerate(self.blocks):
@@ -842,11 +834,9 @@ def orthogonalize(G: Tensor, steps: int, method: str = "newton_schulz", row_norm
     steps, then normalises the rows and then the columns of the result."""
     coeffs = QUINTIC_COEFFS[method]
     X = G.bfloat16()
-    if row_norm:
-        X = normalize_rows(X)
+    X = normalize_rows(X) if row_norm else X
     tall = X.size(-2) > X.size(-1)
-    if tall:
-        X = X.mT
+    X = X.mT if tall else X
     if method == "turbo":
         X, A = aol_scale(X)
     else:
@@ -1184,8 +1174,7 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
     """The training loop; returns the final (averaged) model and, for GPTQ, the Hessians from its calibration."""
     parts = setup_training(hp, rank, world, device, attn_impl, log)
     sched, quant = Schedule.from_hp(hp), QUANTIZERS[hp.quantizer].from_hp(hp)
-    if hp.qat_soft_round:
-        quant = dataclasses.replace(quant, sharpness=torch.ones((), device=device))
+    quant = dataclasses.replace(quant, sharpness=torch.ones((), device=device)) if hp.qat_soft_round else quant
     qat_layers = quantized_linears(parts.model, quant)
     compile_warmup(parts, hp, sched, qat_layers, quant, log)
     params = list(parts.model.parameters())
@@ -1432,7 +1421,7 @@ def allocate_bits(state: dict[str, Tensor], quant: Quantizer, widths: tuple[int,
         spent, bits[n] = spent + cost[n, b] - cost[n, bits[n]], b
 
 QUANTIZERS = {"gptq_lite": Quantizer, "gptq": GPTQ}
-ARTIFACT_MAGIC = b"PGA1"
+ARTIFACT_MAGIC = b"PGA2"  # PGA1: one compressed stream, before CODEC_CHUNK
 CODECS = {"zstd": 1, "brotli": 2}
 MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "leaky_relu_slope",
               "rope_dims", "rope_base", "qk_gain_init", "ln_scale", "xsa_last_n", "ve_dim", "ve_last_n", "smear_gate",
@@ -1446,14 +1435,25 @@ def codec_module(codec: str):
     except ImportError as e:
         raise ConfigError(f"COMPRESSOR={codec} needs the {e.name} package (pip install -r requirements.txt)") from None
 
+CODEC_CHUNK = 1 << 22  # brotli's window: chunks this long cost ~nothing against one stream (zstd: ~50 bytes each)
+
 def compress(raw: bytes, codec: str) -> bytes:
-    """zstd at level 22 or brotli at quality 11."""
+    """zstd at level 22 or brotli at quality 11, in CODEC_CHUNK pieces compressed on all cores at once (both codecs
+    release the GIL; a 27 MB payload takes brotli ~50 s on one), each stored after its u32 length."""
     m = codec_module(codec)
-    return m.ZstdCompressor(level=22).compress(raw) if codec == "zstd" else m.compress(raw, quality=11)
+    one = (lambda c: m.ZstdCompressor(level=22).compress(c)) if codec == "zstd" else (lambda c: m.compress(c, quality=11))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        parts = pool.map(one, [raw[i:i + CODEC_CHUNK] for i in range(0, max(len(raw), 1), CODEC_CHUNK)])
+        return b"".join(len(p).to_bytes(4, "little") + p for p in parts)
 
 def decompress(blob: bytes, codec: str) -> bytes:
     m = codec_module(codec)
-    return m.ZstdDecompressor().decompress(blob) if codec == "zstd" else m.decompress(blob)
+    one, parts, i = m.ZstdDecompressor().decompress if codec == "zstd" else m.decompress, [], 0
+    while i < len(blob) or not parts:  # an empty blob is not an empty payload: compress writes one chunk at least
+        n = int.from_bytes(blob[i:i + 4], "little")
+        parts.append(one(blob[i + 4:i + 4 + n]))
+        i += 4 + n
+    return b"".join(parts)
 
 def shuffle_bytes(raw: bytes, stride: int, inverse: bool = False) -> bytes:
     """Byte 0 of every `stride`-byte group first, then byte 1, ...: neighbouring values' high and low bytes (or,
@@ -1549,8 +1549,7 @@ def export_artifact(path: str, state: dict[str, Tensor], hp: Hyperparameters, co
     """Write the artifact (QUANT_BITS=mixed: `fit_mixed_bits`); with SIZE_FIT, raise the clip floor by 10% until
     code + artifact fit SIZE_LIMIT."""
     quant = QUANTIZERS[hp.quantizer].from_hp(hp)
-    if hessians:
-        quant = dataclasses.replace(quant, hessians=hessians)
+    quant = dataclasses.replace(quant, hessians=hessians) if hessians else quant
     if hp.quant_bits == "mixed":
         quant, nbytes = fit_mixed_bits(path, state, hp, quant, code_bytes, log)
     else:
@@ -1568,6 +1567,8 @@ def read_payload(path: str) -> bytes:
         raise ArtifactError(f"artifact {path} not found")
     blob = Path(path).read_bytes()
     codecs = {v: k for k, v in CODECS.items()}
+    if blob[:4] == b"PGA1":
+        raise ArtifactError(f"{path}: written by a train_gpt.py before chunked compression: score it with that script")
     if len(blob) < 5 or blob[:4] != ARTIFACT_MAGIC or blob[4] & 15 not in codecs:
         raise ArtifactError(f"{path}: not a train_gpt.py artifact (bad magic)")
     codec, stride = codecs[blob[4] & 15], blob[4] >> 4

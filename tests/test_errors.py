@@ -59,7 +59,7 @@ def test_eval_sh_bad_input(tmp_path, dataset, tokenizer):
     assert_one_error(run([*eval_sh, "missing.ptz"], tmp_path, env), "artifact missing.ptz not found")
     assert_one_error(run([*eval_sh, "a", "b"], tmp_path, env), "too many arguments")
     assert_one_error(run(eval_sh, tmp_path, {**env, "NPROC": "two"}), "NPROC=two is not a whole number")
-    (tmp_path / "bad.ptz").write_bytes(b"PGA1\x01" + b"\x00" * 100)
+    (tmp_path / "bad.ptz").write_bytes(b"PGA2\x01" + b"\x00" * 100)
     assert_one_error(run([*eval_sh, "bad.ptz"], tmp_path, {**env, "NPROC": "2"}), "truncated or corrupt artifact")
 
 

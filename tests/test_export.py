@@ -1,8 +1,10 @@
 """Quantisation, the artifact format and its errors."""
 import json
 
+import brotli
 import pytest
 import torch
+import zstandard
 
 import train_gpt as tg
 from test_model import tiny_hp
@@ -81,6 +83,22 @@ def test_artifact_round_trip_gives_identical_logits(tmp_path, codec):
     assert loaded["blocks.0.attn_scale"].dtype == torch.float32 and torch.equal(loaded["blocks.0.attn_scale"], state["blocks.0.attn_scale"])
 
 
+@pytest.mark.parametrize("codec", ["zstd", "brotli"])
+def test_compression_runs_in_chunks_each_a_plain_stream(monkeypatch, codec):
+    raw = bytes(torch.randint(0, 8, (10_000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).tolist())
+    monkeypatch.setattr(tg, "CODEC_CHUNK", 4096)
+    blob, i, parts = tg.compress(raw, codec), 0, []
+    while i < len(blob):  # the layout: u32 length, then a stream the codec's own library decodes alone
+        n = int.from_bytes(blob[i:i + 4], "little")
+        parts.append(zstandard.ZstdDecompressor().decompress(blob[i + 4:i + 4 + n]) if codec == "zstd"
+                     else brotli.decompress(blob[i + 4:i + 4 + n]))
+        i += 4 + n
+    assert [len(p) for p in parts] == [4096, 4096, 1808] and b"".join(parts) == raw
+    assert tg.decompress(blob, codec) == raw
+    with pytest.raises(Exception):
+        tg.decompress(blob[:-3], codec)
+
+
 @pytest.mark.parametrize("stride", [2, 3, 4])
 def test_byte_shuffle_groups_bytes_by_position_and_round_trips(tmp_path, stride):
     raw = bytes(range(10)) * 3 + b"xy"
@@ -131,6 +149,7 @@ def test_same_weights_give_the_same_bytes(tmp_path):
     (lambda b: b[:len(b) // 2], "truncated or corrupt"),
     (lambda b: b"XXXX" + b[4:], "bad magic"),
     (lambda b: b[:5], "truncated or corrupt"),
+    (lambda b: b"PGA1" + b[4:], "before chunked compression"),
 ])
 def test_corrupt_artifacts_fail_clearly(tmp_path, damage, message):
     hp = tiny_hp(compressor="zstd")
