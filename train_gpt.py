@@ -112,6 +112,7 @@ class Hyperparameters:
     muon_backend: str = "newton_schulz"  # newton_schulz | polar_express (per-step coefficients) | turbo (AOL, see orthogonalize)
     muon_row_norm: bool = True  # MuonEq-R: rows of the update normalised before the orthogonalisation (issue 13: −0.013)
     ns_margin: float = 1.01  # Newton-Schulz starts from G / (margin * |G|_F); the 1.1233 script has 1.0
+    embed_bf16: bool = False  # embedding tables rounded to bf16 after each step: the 1.1233 script's bf16 tables
     muon_wd: float = 0.04
     adam_wd: float = 0.04
     adam_lr_decay: bool = True  # AdamW's LRs follow the schedule; 0: they stay constant (proxy5's 10.5 MB model, issue 14)
@@ -741,11 +742,8 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
-        if hp.aux_proj_init_scale:
-            with torch.no_grad():
-                for m in (self.bigram, self.ve):
-                    if m is not None:
-                        m.proj.weight.mul_(1 / math.sqrt(2 * L))
+        for m in [m for m in (self.bigram, self.ve) if m is not None and hp.aux_proj_init_scale]:
+            m.proj.weight.data.mul_(1 / math.sqrt(2 * L))
         # built last, so that switching one on leaves the other modules' initial weights as they were
         self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights)) if hp.skip_gates else None
         self.engram = EngramLite(hp.engram_buckets, hp.engram_heads, hp.engram_orders, hp.engram_dim, dim) \
@@ -923,6 +921,7 @@ class Optimizers:
         taken = {id(p) for p in matrices + tables}
         scalars = [p for p in model.parameters() if id(p) not in taken]
         self.clip_norm, self.rank, self.world, self.adam_lr_decay = hp.grad_clip_norm, rank, world, hp.adam_lr_decay
+        self.bf16_tables = [p.data for p in tables] if hp.embed_bf16 else []  # rounded after each step
         self.muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
                          hp.muon_backend, world, compile_ns, hp.muon_row_norm, hp.ns_margin)
         self.adam_grads = attach_grad_buffer(tables + scalars, (sum(p.numel() for p in tables + scalars),))
@@ -952,9 +951,10 @@ class Optimizers:
         self.adam_grads.mul_(grad_scale)
         self.muon.step(grad_scale)
         self.adam.step()
+        if self.bf16_tables:
+            torch._foreach_copy_(self.bf16_tables, [t.bfloat16() for t in self.bf16_tables])
         self.muon.finish()
-        for buf in self.grad_buffers:
-            buf.zero_()
+        torch._foreach_zero_(self.grad_buffers)
     def state_dict(self) -> list[dict]:
         return [self.muon.state_dict(), self.adam.state_dict()]
     def load_state_dict(self, states: list[dict]):
