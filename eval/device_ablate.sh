@@ -5,6 +5,8 @@
 # the runs' logs (and nothing else), whatever happened. Every named run runs (FRESH=1): a warm machine keeps logs/ from
 # the call before, whose logs came back already, and a 150 s run must not be skipped for a fixed-steps log of its name.
 #
+# KEEP_ARTIFACTS="run_a run_b" also brings those runs' artifacts back in $OUT (the tool returns 8 files of at most 16 MiB:
+# up to 7 artifacts beside logs.tgz), to study their bytes here (tools/recompress.py) or score them again (EVAL_ARTIFACT).
 #   RUNS="xsa11_s1337 xsa11_s42 qk4_s1337 qk4_s42" JOBS=4 PROXY_SECONDS=0 ITERATIONS=1700 \
 #     bash eval/device_ablate.sh eval/plans/issue13.txt .proxy           (carry .proxy and .whl)
 set -uo pipefail
@@ -27,4 +29,9 @@ FRESH=1 timeout --kill-after=10 "$deadline" bash eval/ablate.sh "$@"
 rc=$?
 [ $rc -eq 124 ] && echo "$(date +%H:%M:%S) device_ablate: the deadline stopped the plan; finished runs are in the logs"
 tar czf "$OUT/logs.tgz" logs/*.txt logs/*.out 2>/dev/null || tar czf "$OUT/logs.tgz" --files-from /dev/null
+read -ra keep <<< "${KEEP_ARTIFACTS:-}"
+[ ${#keep[@]} -le 7 ] || echo "device_ablate: only the first 7 of KEEP_ARTIFACTS come back (the tool returns 8 files)"
+for run in "${keep[@]:0:7}"; do
+  if [ -f "logs/$run.int6.ptz" ]; then cp "logs/$run.int6.ptz" "$OUT/"; else echo "device_ablate: $run left no artifact"; fi
+done
 exit $rc

@@ -178,16 +178,18 @@ def test_proxy_at_another_vocab(tmp_path, shared_data):
 
 
 def test_device_ablation_call_returns_its_logs_at_the_deadline(tmp_path, shared_data):
-    """eval/device_ablate.sh stops the plan at DEADLINE and still leaves $OUT/logs.tgz (the logs so far); a run whose
-    complete log a warm machine kept from the call before runs again."""
+    """eval/device_ablate.sh stops the plan at DEADLINE and still leaves $OUT/logs.tgz (the logs so far) and the
+    artifacts KEEP_ARTIFACTS names; a run whose complete log a warm machine kept from the call before runs again."""
     import tarfile
     plan = tmp_path / "plan.txt"
     plan.write_text("device_test_a SEED=3\n")
     (ROOT / "logs").mkdir(exist_ok=True)
     (ROOT / "logs" / "device_test_a.txt").write_text("final_int6_sliding_window_exact val_loss:1 val_bpb:1\n")
+    (ROOT / "logs" / "device_test_old.int6.ptz").write_bytes(b"PGA2 an earlier run's artifact")
     out = tmp_path / "out"
     out.mkdir()
-    env = proxy_env(tmp_path, OUT=str(out), DEADLINE="3", PROXY_SECONDS="30", WHEELS=str(tmp_path / "no_wheels"))
+    env = proxy_env(tmp_path, OUT=str(out), DEADLINE="3", PROXY_SECONDS="30", WHEELS=str(tmp_path / "no_wheels"),
+                    KEEP_ARTIFACTS="device_test_old device_test_a")
     try:
         r = subprocess.run(["bash", str(ROOT / "eval" / "device_ablate.sh"), str(plan), str(shared_data)], env=env,
                            capture_output=True, text=True, timeout=120)
@@ -195,6 +197,9 @@ def test_device_ablation_call_returns_its_logs_at_the_deadline(tmp_path, shared_
         assert "start device_test_a" in r.stdout and "done already" not in r.stdout
         with tarfile.open(out / "logs.tgz") as tar:
             assert all(n.startswith("logs/") for n in tar.getnames())
+        assert (out / "device_test_old.int6.ptz").read_bytes() == b"PGA2 an earlier run's artifact"
+        assert "device_test_a left no artifact" in r.stdout
+        assert sorted(p.name for p in out.iterdir()) == ["device_test_old.int6.ptz", "logs.tgz"]
     finally:
         for f in (ROOT / "logs").glob("device_test_*"):
             f.unlink()
