@@ -1799,7 +1799,8 @@ class DocLoRA(TTT):
             p.requires_grad_(not on)
     def spans(self, num_preds: int, seq_len: int, stride: int, rank: int, world: int):
         """Per batch of documents: fresh deltas (drawn by the batch's number, the same on any rank), then its chunks
-        in lockstep, a row (s, e, document start) each; after each part but the last, its `phase`."""
+        in lockstep, a row (s, e, document start) each, as the span (chunk start, length) of its longest document;
+        after each part but the last, its `phase`."""
         for p, (start, end, batches) in enumerate(self.parts):
             for b, docs in batches:
                 gen = torch.Generator().manual_seed(b)
@@ -1811,8 +1812,7 @@ class DocLoRA(TTT):
                 self.opt.state.clear()
                 for c in range(0, n := docs[0][1] - docs[0][0], self.span_preds):
                     rows = [(min(s + c, e), min(s + c + self.span_preds, e), s) for s, e in docs]
-                    self.last = c + self.span_preds >= n
-                    yield (0, 0), rows + [(0, 0, 0)] * (self.batch_seqs - len(rows))
+                    yield (c, n), rows + [(0, 0, 0)] * (self.batch_seqs - len(rows))
             if p < len(self.parts) - 1:
                 self.phase(start, end)
     def phase(self, start: int, end: int):
@@ -1825,8 +1825,8 @@ class DocLoRA(TTT):
             self.sgd.adapt(a, min(a + C, end))
         self.deltas_on(True)
         self.log(f"ttt: phase on predictions [{start}, {end}): {self.sgd.adapted} SGD chunks in {time.perf_counter() - t0:.1f}s")
-    def learns(self, start: int, end: int) -> bool:
-        return not (self.skip_last and self.last)
+    def learns(self, start: int, end: int) -> bool:  # (start, end): the chunk's start and the batch's length
+        return not (self.skip_last and start + self.span_preds >= end)
     def scored(self, x: Tensor, y: Tensor, mask: Tensor, losses: Tensor):
         self.rows = (losses, mask)
     def learn(self, start: int, end: int):

@@ -55,7 +55,7 @@ class Peeking(Recording):
         for span, rows in super().spans(*args):
             x, y, mask = tg.window_batch(self.tokens, rows, self.hp.eval_seq_len, self.batch_seqs)
             self.rows = (self.model(x, y, per_token=True), mask)
-            Recording.adapt(self, 0, 0)
+            Recording.adapt(self, *span)
             yield span, rows
 
 
