@@ -134,6 +134,17 @@ def test_recompress_reports_each_codec_and_shuffle(tmp_path):
     costs = [int(line.split(": ")[1].split()[0]) for line in listed]
     assert len(listed) == 3 and costs == sorted(costs, reverse=True) and "tok_emb.weight int8 320x64:" in r.stdout
     assert all("zeros" in line for line in listed if " int" in line) and not any(".scale " in x for x in listed)
+    r = subprocess.run([sys.executable, str(tg.Path(tg.__file__).parent / "tools" / "recompress.py"), str(tmp_path / "a"),
+                        "zstd", "--entropy"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    kinds = {line.split(":")[0].strip() for line in r.stdout.split("against order-0 entropy:")[1].splitlines()[1:]}
+    assert kinds == {"int6", "int8"}
+
+
+def test_order0_bits_counts_each_value_by_its_frequency():
+    import recompress  # tools/ is on the path (conftest)
+    assert abs(recompress.order0_bits(tg.np.array([0, 0, 0, 1], dtype=tg.np.int8)) - 3.2451) < 1e-4  # 4·H(3/4)
+    assert recompress.order0_bits(tg.np.arange(8, dtype=tg.np.int8)) == 24.0 and recompress.order0_bits(tg.np.zeros(5)) == 0
 
 
 def test_same_weights_give_the_same_bytes(tmp_path):

@@ -1,9 +1,11 @@
 """Size of an artifact's model under other codecs and byte shuffles (BYTE_SHUFFLE), and where its bytes go:
-python3 tools/recompress.py ARTIFACT [CODEC ...] [--shuffle 0,2,4] [--tensors N]
+python3 tools/recompress.py ARTIFACT [CODEC ...] [--shuffle 0,2,4] [--tensors N] [--entropy]
 
 --tensors N lists the N tensors that cost most, each compressed alone with the first codec: stored kind, shape,
 compressed bytes, for integer tensors the share of zeros and the mean |value| in steps, and the row scales' mean
-(which is what a smaller weight, under the clip floor, changes)."""
+(which is what a smaller weight, under the clip floor, changes).
+--entropy: per integer kind (int6, int8, ...), the first codec's bits per value (each tensor alone) against the
+tensors' order-0 entropy, what any coder that codes each tensor's values independently needs at least."""
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,8 @@ from cli import UsageError, run  # noqa: E402
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    strides, top = [0], 0
+    strides, top, entropy = [0], 0, "--entropy" in argv
+    argv = [a for a in argv if a != "--entropy"]
     if "--tensors" in argv:
         i = argv.index("--tensors")
         if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
@@ -47,7 +50,26 @@ def main(argv=None) -> int:
             print(f"{codec} byte_shuffle {stride}: {n} bytes ({time.perf_counter() - t0:.1f}s)")
     if top:
         print_tensor_costs(stored, codecs[0], top)
+    if entropy:
+        print_entropy(stored, codecs[0])
     return 0
+
+
+def order0_bits(values) -> float:
+    """Bits to code `values` with their own frequencies, each value independently."""
+    _, counts = tg.np.unique(values, return_counts=True)
+    return float(-(counts * tg.np.log2(counts / counts.sum())).sum())
+
+
+def print_entropy(stored: dict, codec: str):
+    by_kind = {}
+    for kind, values in stored.values():
+        if kind.startswith("int"):
+            n, bits, bound = by_kind.get(kind, (0, 0, 0.0))
+            by_kind[kind] = (n + values.size, bits + 8 * len(tg.compress(values.tobytes(), codec)), bound + order0_bits(values))
+    print(f"integer values, bits per value: {codec} (each tensor alone, without its scales) against order-0 entropy:")
+    for kind, (n, bits, bound) in sorted(by_kind.items()):
+        print(f"  {kind}: {n} values: {codec} {bits / n:.4f}, order-0 {bound / n:.4f} ({bits / bound - 1:+.1%})")
 
 
 def print_tensor_costs(stored: dict, codec: str, top: int):
