@@ -121,24 +121,22 @@ def test_recompress_reports_each_codec_and_shuffle(tmp_path):
     import sys
     hp = tiny_hp(compressor="zstd")
     tg.write_artifact(str(tmp_path / "a"), trained_like_state(hp)[1], hp, tg.Quantizer.from_hp(hp))
-    r = subprocess.run([sys.executable, str(tg.Path(tg.__file__).parent / "tools" / "recompress.py"), str(tmp_path / "a"),
-                        "zstd", "--shuffle", "0,2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+
+    def recompress(*args) -> str:
+        r = subprocess.run([sys.executable, str(tg.Path(tg.__file__).parent / "tools" / "recompress.py"),
+                            str(tmp_path / "a"), *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    lines = recompress("zstd", "--shuffle", "0,2").splitlines()
     assert lines[0].startswith("raw payload:") and [x.split(":")[0] for x in lines[1:]] == ["zstd byte_shuffle 0", "zstd byte_shuffle 2"]
     assert int(lines[1].split()[3]) == (tmp_path / "a").stat().st_size
-    r = subprocess.run([sys.executable, str(tg.Path(tg.__file__).parent / "tools" / "recompress.py"), str(tmp_path / "a"),
-                        "zstd", "--tensors", "3"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    listed = r.stdout.split("each compressed alone (with its scales), ")[1].splitlines()[1:]
+    out = recompress("zstd", "--tensors", "3", "--entropy")
+    tensors, entropy = out.split("each compressed alone (with its scales), ")[1].split("integer values, bits per value")
+    listed = tensors.splitlines()[1:]
     costs = [int(line.split(": ")[1].split()[0]) for line in listed]
-    assert len(listed) == 3 and costs == sorted(costs, reverse=True) and "tok_emb.weight int8 320x64:" in r.stdout
+    assert len(listed) == 3 and costs == sorted(costs, reverse=True) and "tok_emb.weight int8 320x64:" in out
     assert all("zeros" in line for line in listed if " int" in line) and not any(".scale " in x for x in listed)
-    r = subprocess.run([sys.executable, str(tg.Path(tg.__file__).parent / "tools" / "recompress.py"), str(tmp_path / "a"),
-                        "zstd", "--entropy"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    kinds = {line.split(":")[0].strip() for line in r.stdout.split("against order-0 entropy:")[1].splitlines()[1:]}
-    assert kinds == {"int6", "int8"}
+    assert {line.split(":")[0].strip() for line in entropy.splitlines()[1:]} == {"int6", "int8"}
 
 
 def test_order0_bits_counts_each_value_by_its_frequency():
