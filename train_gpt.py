@@ -109,7 +109,7 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_frac: float = 0.21
     muon_backend_steps: int = 5
-    muon_backend: str = "newton_schulz"  # newton_schulz | polar_express (per-step coefficients) | turbo (AOL, see orthogonalize)
+    muon_backend: str = "newton_schulz"  # newton_schulz | polar_express (per-step coefficients)
     muon_row_norm: bool = True  # MuonEq-R: rows of the update normalised before the orthogonalisation (issue 13: −0.013)
     ns_margin: float = 1.01  # Newton-Schulz starts from G / (margin * |G|_F); the 1.1233 script has 1.0
     embed_bf16: bool = False  # embedding tables rounded to bf16 after each step: the 1.1233 script's bf16 tables
@@ -123,7 +123,6 @@ class Hyperparameters:
     # weight averaging and late QAT
     ema_frac: float = 0.047  # EMA time constant as a fraction of the run (0.997 at ~7,100 steps); 0 = off
     late_qat_threshold: float = 0.15  # fake-quantise block matrices once the LR scale is below this; 0 = off
-    qat_soft_round: bool = False  # QAT rounds with a sigmoid whose sharpness ramps 1 -> 16 (differentiable)
     lr_floor: float = 0.0  # the warmdown ends at this LR scale instead of 0
     # export
     quantizer: str = "gptq_lite"  # how each matrix becomes integers: gptq_lite (rounding) | gptq (Hessian error feedback)
@@ -811,41 +810,26 @@ QUINTIC_COEFFS = {  # odd quintic a*x + b*x^3 + c*x^5 per step; the last triple 
                       (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
                       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
 }
-QUINTIC_COEFFS["turbo"] = QUINTIC_COEFFS["polar_express"][1:]  # AOL scaling stands in for the first step
 REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
 ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-def aol_scale(X: Tensor, eps: float = 1e-7) -> tuple[Tensor, Tensor]:
-    """AOL preconditioning of wide matrices X (..., m, n), m <= n: row i is scaled by 1 / sqrt(sum_j |(X X^T)_ij|),
-    the Gershgorin bound of its Gram row, so every singular value of the result is at most 1 and small ones are
-    lifted more than a Frobenius normalisation lifts them. Returns the scaled X and its Gram matrix."""
-    A = X @ X.mT
-    s = 1.0 / (A.abs().sum(dim=-1).sqrt() + eps)
-    return X * s[..., :, None], A * s[..., :, None] * s[..., None, :]
 
 def normalize_rows(X: Tensor, dim: int = -1) -> Tensor:
     return X / (X.float().norm(dim=dim, keepdim=True) + 1e-7).to(X.dtype)
 
 def orthogonalize(G: Tensor, steps: int, method: str = "newton_schulz", row_norm: bool = False, margin: float = 1.01) -> Tensor:
     """Approximate the orthogonal polar factor of each matrix in a (N, m, n) batch, in bf16. row_norm (MuonEq-R)
-    first scales every row to unit norm. turbo starts from AOL scaling instead of a norm, takes Polar Express
-    steps, then normalises the rows and then the columns of the result."""
+    first scales every row to unit norm."""
     coeffs = QUINTIC_COEFFS[method]
     X = G.bfloat16()
     X = normalize_rows(X) if row_norm else X
     tall = X.size(-2) > X.size(-1)
     X = X.mT if tall else X
-    if method == "turbo":
-        X, A = aol_scale(X)
-    else:
-        X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)  # singular values <= 1, with a bf16 margin
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)  # singular values <= 1, with a bf16 margin
     for i in range(steps):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
-        if i > 0 or method != "turbo":
-            A = X @ X.mT
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    X = X.mT if tall else X
-    return normalize_rows(normalize_rows(X), dim=-2) if method == "turbo" else X
+    return X.mT if tall else X
 
 def attach_grad_buffer(params: list[Tensor], shape: tuple) -> Tensor:
     """A zeroed fp32 buffer whose slices are the params' .grad: backward accumulates straight into it, so a
@@ -1004,10 +988,6 @@ class Schedule:
         return self.late_qat_threshold > 0 and self.warmdown(p) < self.late_qat_threshold
     def qat_start(self) -> float:
         return 1.0 - self.late_qat_threshold * self.warmdown_frac  # where the warmdown crosses LATE_QAT_THRESHOLD
-    def qat_sharpness(self, p: float) -> float:
-        """QAT_SOFT_ROUND's sigmoid sharpness: 1 where late QAT starts, linear to 16 at the end of the run."""
-        start = self.qat_start()
-        return 1.0 + 15.0 * min(1.0, max(0.0, (p - start) / max(1.0 - start, 1e-9)))
 
 class RunClock:
     """Training milliseconds since start(). Under a time cap with several ranks every rank follows rank 0's clock, so
@@ -1174,7 +1154,6 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
     """The training loop; returns the final (averaged) model and, for GPTQ, the Hessians from its calibration."""
     parts = setup_training(hp, rank, world, device, attn_impl, log)
     sched, quant = Schedule.from_hp(hp), QUANTIZERS[hp.quantizer].from_hp(hp)
-    quant = dataclasses.replace(quant, sharpness=torch.ones((), device=device)) if hp.qat_soft_round else quant
     qat_layers = quantized_linears(parts.model, quant)
     compile_warmup(parts, hp, sched, qat_layers, quant, log)
     params = list(parts.model.parameters())
@@ -1207,9 +1186,7 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
         if not qat_on and sched.qat(progress):
             set_qat(qat_layers, quant)
             qat_on = True
-            log(f"late_qat:on step:{step} lr_scale:{scale:.3f}" + (" soft_round" if quant.sharpness is not None else ""))
-        if qat_on and quant.sharpness is not None:
-            quant.sharpness.fill_(sched.qat_sharpness(progress))
+            log(f"late_qat:on step:{step} lr_scale:{scale:.3f}")
         if (loops := sched.recur_loops(progress)) != parts.model.loops_on:  # a graph the warm-up compiled
             phases.append((step, elapsed_ms))
             parts.model.loops_on = loops
@@ -1275,14 +1252,6 @@ def sdclip_scales(w: Tensor, bits: int, k: float, clip_floor: float) -> Tensor:
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
-def soft_round(w: Tensor, scale: Tensor, qmax: int, sharpness: Tensor) -> Tensor:
-    """w / scale (per row) clamped to +-qmax, its integer part kept and its fractional part f replaced by
-    sigmoid(sharpness * (f - 1/2)), times the scale: differentiable in w, and the export's rounding as the
-    sharpness grows."""
-    z = (w / scale[:, None]).clamp(-qmax, qmax)
-    base = z.detach().floor()
-    return (base + torch.sigmoid(sharpness * (z - base - 0.5))) * scale[:, None]
-
 def gptq_rows(w: Tensor, hessian: Tensor, scale: Tensor, bits: int, damp: float, block: int) -> Tensor:
     """GPTQ (Frantar et al. 2022) on fixed row scales: columns are rounded one at a time, largest Hessian
     diagonal first, and each column's rounding error is spread over the columns not yet rounded so that the
@@ -1330,7 +1299,6 @@ class Quantizer:
     percentiles: tuple[float, ...]
     clip_floor: float
     min_numel: int  # tensors with at most this many elements are not quantised
-    sharpness: Tensor | None = None  # QAT_SOFT_ROUND: the soft rounding's sharpness (a device scalar the loop sets)
     clip_mode: str = "search"
     sdclip_k: float = 12.85
     sdclip_k_embed: float = 14.0
@@ -1360,12 +1328,8 @@ class Quantizer:
         """A block matrix as the export's row quantiser stores it."""
         return dequantize_rows(*self.round_to_rows(w, self.bits)).to(w.dtype)
     def qat_weight(self, w: Tensor) -> Tensor:
-        """A block matrix in late QAT's forward: the exported value with a straight-through gradient, or with
-        QAT_SOFT_ROUND a soft rounding on the export's row scales that the gradient passes through."""
-        if self.sharpness is None:
-            return w + (self.fake_quantize(w) - w).detach()
-        scale = self.round_to_rows(w.detach(), self.bits)[1]
-        return soft_round(w, scale.float(), 2 ** (self.bits - 1) - 1, self.sharpness).to(w.dtype)
+        """A block matrix in late QAT's forward: the exported value with a straight-through gradient."""
+        return w + (self.fake_quantize(w) - w).detach()
 
 @dataclasses.dataclass(frozen=True)
 class GPTQ(Quantizer):

@@ -1,5 +1,5 @@
 """The later records' switches, each against a reference: per-layer LeakyReLU slopes, EngramLite, gated U-Net
-skips, Turbo-Muon (AOL), MuonEq-R, soft-round QAT and the LR floor."""
+skips, MuonEq-R and the LR floor. (Turbo-Muon and soft-round QAT, measured worse on both seeds, were removed.)"""
 import math
 import re
 
@@ -11,8 +11,8 @@ from conftest import failure_tail, run_train
 from logs import parse_log
 from test_model import four_layers, tiny_hp
 
-ALL_ON = dict(leaky_relu_slopes="-0.014,0.47", engram_buckets=64, engram_dim=8, skip_gates=1, muon_backend="turbo",
-              muon_backend_steps=4, muon_row_norm=1, qat_soft_round=1, lr_floor=0.05, late_qat_threshold=0.5,
+ALL_ON = dict(leaky_relu_slopes="-0.014,0.47", engram_buckets=64, engram_dim=8, skip_gates=1,
+              muon_backend="polar_express", muon_backend_steps=4, muon_row_norm=1, lr_floor=0.05, late_qat_threshold=0.5,
               xsa_last_n=2, mlp_mult=3.5, qk_gain_init=4.0, muon_momentum=0.97, parallel_resid_start=1,
               recur_layers="1", recur_untie_mlp=1, recur_start_frac=0.3)
 
@@ -88,86 +88,25 @@ def test_gated_skips_lerp_from_the_skip_to_the_stream():
         assert torch.allclose(seen[f"in{dec}"], want)
 
 
-def test_aol_scaling_is_the_gershgorin_row_scaling():
-    torch.manual_seed(0)
-    X = torch.randn(3, 48, 80) * torch.logspace(-2, 0, 48)[:, None]  # rows of very different sizes
-    got, gram = tg.aol_scale(X)
-    X64 = X.double()
-    s = 1 / (X64 @ X64.mT).abs().sum(-1).sqrt()
-    want = s[..., None] * X64
-    assert tg.relative_error(got, want) < 1e-6 and tg.relative_error(gram, want @ want.mT) < 1e-6
-    assert torch.linalg.matrix_norm(want, ord=2).max() <= 1 + 1e-9  # Gershgorin: every singular value <= 1
-
-
-def test_turbo_orthogonalises_then_normalises_rows_and_columns():
-    torch.manual_seed(1)
-    U, V = torch.linalg.qr(torch.randn(64, 64)).Q, torch.linalg.qr(torch.randn(96, 64)).Q
-    G = (U @ torch.diag(torch.logspace(-2, 0, 64)) @ V.T)[None]  # 64 x 96, singular values spread 100x
-    O = tg.orthogonalize(G, 4, "turbo").float()
-    assert torch.allclose(O.norm(dim=-2), torch.ones(96), atol=2e-2)  # the columns last
-    coeffs = tg.QUINTIC_COEFFS["turbo"]
-    X, A = tg.aol_scale(G.bfloat16())
-    for i in range(4):  # the same steps without the normalisations: near-orthogonal already
-        a, b, c = coeffs[i]
-        A = A if i == 0 else X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    sv = torch.linalg.svdvals(X.float())
-    assert sv.min() > 0.7 and sv.max() < 1.2
-
-
 def test_row_norm_makes_the_update_blind_to_row_scales():
     """MUON_ROW_NORM (MuonEq-R): each row is normalised first, so scaling rows of the update changes nothing."""
     torch.manual_seed(2)
     G = torch.randn(2, 32, 48)
     D = torch.rand(2, 32, 1) * 100 + 0.01
-    for method in ("newton_schulz", "turbo"):
+    for method in ("newton_schulz", "polar_express"):
         a, b = (tg.orthogonalize(g, 5, method, row_norm=True) for g in (G, D * G))
         assert tg.relative_error(a, b.double()) < 0.06  # bf16 rounding of the scaled rows
         plain = [tg.orthogonalize(g, 5, method) for g in (G, D * G)]
         assert tg.relative_error(plain[0], plain[1].double()) > 0.1
 
 
-def test_soft_round_against_its_formula_and_its_limit():
-    torch.manual_seed(3)
-    w = (torch.randn(8, 40) * 0.3).requires_grad_()
-    scale = torch.rand(8) * 0.05 + 0.01
-    for sharpness in (1.0, 4.0, 16.0):
-        got = tg.soft_round(w, scale, 31, torch.tensor(sharpness))
-        z = (w.detach().double() / scale.double()[:, None]).clamp(-31, 31)
-        u = sharpness * (z - z.floor() - 0.5)
-        want = (z.floor() + 1 / (1 + torch.exp(-u))) * scale.double()[:, None]
-        assert tg.relative_error(got, want) < 1e-6
-        (grad,) = torch.autograd.grad(got.sum(), w)
-        inside = z.abs() < 31
-        sig = 1 / (1 + torch.exp(-u))
-        assert tg.relative_error(grad[inside], (sharpness * sig * (1 - sig))[inside]) < 1e-5  # no straight-through
-    hard = tg.soft_round(w.detach(), scale, 31, torch.tensor(1e4))
-    assert torch.allclose(hard, torch.round(w.detach() / scale[:, None]).clamp(-31, 31) * scale[:, None], atol=1e-6)
-
-
-def test_soft_round_qat_uses_the_exports_row_scales():
-    torch.manual_seed(4)
-    hp = tiny_hp()
-    quant = tg.Quantizer.from_hp(hp)
-    soft = tg.Quantizer(**{**quant.__dict__, "sharpness": torch.tensor(1e4)})
-    w = torch.randn(64, 192) * 0.05
-    _, scale = tg.quantize_rows(w, 6, hp.percentiles, hp.quant_clip_floor)
-    frac = (w / scale.float()[:, None]).remainder(1.0)
-    clear = (frac - 0.5).abs() > 0.01  # away from the half-way points, which a finite sharpness leaves between
-    assert torch.allclose(soft.qat_weight(w)[clear], quant.fake_quantize(w)[clear], atol=1e-6)  # sharp: exported
-    soft.sharpness.fill_(1.0)
-    assert not torch.allclose(soft.qat_weight(w), quant.fake_quantize(w), atol=1e-3)
-
-
-def test_lr_floor_and_the_soft_round_ramp():
+def test_lr_floor_moves_the_lr_but_not_late_qat():
     s = tg.Schedule.from_hp(tiny_hp(warmdown_frac=0.5, lr_floor=0.05, late_qat_threshold=0.5,
                                     iterations=1000, max_wallclock_seconds=0))
     assert s.lr_scale(0.4) == 1.0 and s.lr_scale(0.75) == pytest.approx(0.5) and s.lr_scale(1.0) == 0.05
     assert s.lr_scale(0.99) == 0.05 and s.warmdown(0.99) == pytest.approx(0.02)
     # the floor moves the LR only: late QAT starts where the warmdown (not the floored LR) crosses 0.5
     assert not s.qat(0.749) and s.qat(0.751)
-    assert s.qat_sharpness(0.75) == pytest.approx(1.0) and s.qat_sharpness(0.875) == pytest.approx(8.5)
-    assert s.qat_sharpness(1.0) == 16.0 and s.qat_sharpness(0.1) == 1.0
 
 
 def test_qk_gain_and_momentum_settings_reach_the_model_and_the_optimizer():
@@ -183,7 +122,7 @@ def test_every_switch_on_trains_exports_and_rescores(tmp_path, dataset, tokenize
     log = parse_log(str(tmp_path / "logs" / "t.txt"))
     curve = log["train_curve"]
     assert curve[-1][2] < curve[0][2] - 0.5 and math.isfinite(log["sliding_bpb"])
-    assert "late_qat:on" in r.stdout and "soft_round" in r.stdout and "qat_check" in r.stdout
+    assert "late_qat:on" in r.stdout and "qat_check" in r.stdout
     assert "recur_check" in r.stdout and re.search(r"recur:1 extra passes of layers 1 from step:(8|9|10) ", r.stdout)
     assert "graphs (extra passes, QAT): 0 1 1+qat\n" in r.stdout  # every graph the run meets compiles in the warm-up
     again = run_train(tmp_path, dataset, tokenizer, args=[str(tmp_path / "logs" / "t.int6.ptz")], RUN_ID="again")
