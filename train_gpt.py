@@ -129,6 +129,7 @@ class Hyperparameters:
     quant_bits: str = "6"  # block matrices' bits, or mixed: each one MIXED_BITS by GPTQ's error per byte (QUANTIZER=gptq)
     mixed_bits: str = "5,6,7"  # QUANT_BITS=mixed: the widths, lowest first (every matrix starts there; late QAT uses it)
     size_target: int = 15_900_000  # QUANT_BITS=mixed promotes matrices until code + artifact reach this
+    qat_size_fit: bool = False  # at late QAT's start raise the clip floor until the estimated size fits SIZE_TARGET
     clip_mode: str = "search"  # row scales: search (the least-error of CLIP_PERCENTILES) | sdclip (SDCLIP_K * std of the row)
     sdclip_k: float = 12.85  # block matrices' clip in row standard deviations (CLIP_MODE=sdclip)
     sdclip_k_embed: float = 14.0  # embedding tables' clip in row standard deviations
@@ -208,8 +209,9 @@ class Hyperparameters:
              "needs QUANTIZER=gptq (matrices are ranked by their Hessian-weighted error)")
         need(parses(lambda: list(self.widths) == sorted(set(self.widths)) and 2 <= self.widths[0] <= self.widths[-1] <= 8),
              "mixed_bits", "must be increasing comma-separated bit widths between 2 and 8")
-        need(self.size_target <= self.size_limit or self.quant_bits != "mixed", "size_target",
+        need(self.size_target <= self.size_limit or self.quant_bits != "mixed" and not self.qat_size_fit, "size_target",
              f"must be at most SIZE_LIMIT={self.size_limit}")
+        need(self.late_qat_threshold > 0 or not self.qat_size_fit, "qat_size_fit", "needs late QAT (LATE_QAT_THRESHOLD > 0)")
         need(self.vocab_size <= 1 << 16, "vocab_size", "must fit the shards' uint16 token ids (at most 65536)")
         need(self.bigram_vocab_size != 1, "bigram_vocab_size", "must be 0 (off) or at least 2")
         need(self.gptq_reserve_seconds < self.max_wallclock_seconds or self.max_wallclock_seconds == 0
@@ -1051,6 +1053,18 @@ def set_qat(layers: list[CastedLinear], quant: Quantizer | None):
     for m in layers:
         m.qat = quant
 
+def fit_qat_floor(model: GPT, weights: list[Tensor], quant: Quantizer, budget: float, world: int, log):
+    """QAT_SIZE_FIT: raise `quant`'s clip floor (a device scalar) by 10% steps until `estimated_bytes` of the
+    model's `weights` fits `budget`, so that late QAT trains on the grid the export writes. Rank 0's floor wins."""
+    state = dict(zip((n for n, _ in model.named_parameters()), weights))
+    t0, floor = time.perf_counter(), quant.clip_floor.item()
+    while (est := estimated_bytes(state, dataclasses.replace(quant, clip_floor=floor))) > budget and floor < 100:
+        floor *= 1.1
+    quant.clip_floor.fill_(floor)
+    if world > 1:
+        dist.broadcast(quant.clip_floor, 0)
+    log(f"qat_size_fit: clip_floor {floor:.4f}, estimated {est:,.0f} bytes for {budget:,.0f} in {time.perf_counter() - t0:.1f}s")
+
 def check_switch(model: nn.Module, batch: tuple[Tensor, Tensor], switch, off, on, what: str, fix: str):
     """A switch read in the compiled forward must reach it: at the same weights and batch the loss with it on must
     differ from the loss with it off (a switch that torch.compile folded into the graph would not). Returns both."""
@@ -1150,10 +1164,13 @@ def calibrate(parts: TrainingParts, hp: Hyperparameters, quant: Quantizer, world
     log(msg)
     return hessians
 
-def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log) -> tuple[GPT, dict[str, Tensor]]:
-    """The training loop; returns the final (averaged) model and, for GPTQ, the Hessians from its calibration."""
+def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log,
+          code_bytes: int = 0) -> tuple[GPT, dict[str, Tensor], float]:
+    """The training loop; returns the final (averaged) model, GPTQ's Hessians and the clip floor QAT trained on."""
     parts = setup_training(hp, rank, world, device, attn_impl, log)
     sched, quant = Schedule.from_hp(hp), QUANTIZERS[hp.quantizer].from_hp(hp)
+    if hp.qat_size_fit:  # a device scalar: the fit moves the compiled QAT graph's floor without a recompile
+        quant = dataclasses.replace(quant, clip_floor=torch.full((), hp.quant_clip_floor, device=device))
     qat_layers = quantized_linears(parts.model, quant)
     compile_warmup(parts, hp, sched, qat_layers, quant, log)
     params = list(parts.model.parameters())
@@ -1184,6 +1201,8 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
         if stop:
             break
         if not qat_on and sched.qat(progress):
+            if hp.qat_size_fit:  # the EMA is what the export writes
+                fit_qat_floor(parts.model, ema or weights, quant, hp.size_target - code_bytes, world, log)
             set_qat(qat_layers, quant)
             qat_on = True
             log(f"late_qat:on step:{step} lr_scale:{scale:.3f}")
@@ -1212,7 +1231,7 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
             log(f"ranks_in_sync:{int(torch.equal(lo, hi))}")
     set_qat(qat_layers, None)
     hessians = calibrate(parts, hp, quant, world, elapsed_ms / 1000, log) if isinstance(quant, GPTQ) else {}
-    return parts.model, hessians
+    return parts.model, hessians, float(quant.clip_floor)
 
 # ---------------------------------------------------------------------------------------------- quantization/export
 def round_rows(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
@@ -1358,6 +1377,22 @@ def entropy_bytes(q: Tensor) -> float:
     p = counts[counts > 0] / q.numel()
     return float(-(p * p.log2()).sum()) * q.numel() / 8
 
+def stored_bytes(q: Tensor, scale: Tensor) -> float:
+    """About what the compressor needs for a quantised tensor: its values' entropy plus the fp16 row scales."""
+    return entropy_bytes(q) + 2 * scale.numel()
+
+def estimated_bytes(state: dict[str, Tensor], quant: Quantizer) -> float:
+    """The artifact's size without compressing: `stored_bytes` of every quantised tensor, rounded to the nearest
+    step (GPTQ's values cost about the same), and the rest at their stored width."""
+    total = 0.0
+    for name, t in state.items():
+        kind = quant.kind(name, t)
+        if kind.startswith("int"):
+            total += stored_bytes(*quant.round_to_rows(t, quant.bits_of(name, kind), embed=kind == "int_embed"))
+        else:
+            total += t.numel() * (4 if kind == "fp32" else 2)
+    return total
+
 def output_error(w: Tensor, q: Tensor, scale: Tensor, hessian: Tensor | None) -> float:
     """tr((W - Q) H (W - Q)^T): the squared error quantisation adds to the layer's outputs over the calibration
     tokens (|W - Q|^2 without a Hessian)."""
@@ -1372,7 +1407,7 @@ def allocate_bits(state: dict[str, Tensor], quant: Quantizer, widths: tuple[int,
     cost, err = {}, {}
     for n, b in itertools.product(names, widths):
         q, scale = quant.quantize(n, state[n], b)
-        cost[n, b] = entropy_bytes(q) + 2 * scale.numel()
+        cost[n, b] = stored_bytes(q, scale)
         err[n, b] = output_error(state[n], q, scale, getattr(quant, "hessians", {}).get(n))
     bits, spent = {n: widths[0] for n in names}, 0.0
     while True:
@@ -1917,7 +1952,8 @@ def run(hp: Hyperparameters, rank: int, world: int, device: torch.device, log):
     hp, attn_impl = select_kernels(hp, device, world, log)
     ev = EvalContext(hp, rank, world, device, attn_impl, log)
     if not hp.eval_artifact:
-        model, hessians = train(hp, rank, world, device, attn_impl, log)
+        model, hessians, floor = train(hp, rank, world, device, attn_impl, log, len(code))
+        hp = dataclasses.replace(hp, quant_clip_floor=floor)  # the export starts from the floor QAT trained on
         ev.score(model.state_dict(), "pre_quant_ema")
         if rank == 0:
             export_artifact(artifact, {k: v.detach() for k, v in model.state_dict().items()}, hp, len(code), log,

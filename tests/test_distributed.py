@@ -13,7 +13,8 @@ def runs(tmp_path_factory, dataset, tokenizer):
     out = {}
     for n in (1, 2):
         d = tmp_path_factory.mktemp(f"world{n}")
-        r = run_train(d, dataset, tokenizer, nproc=n, ITERATIONS=8, COMPRESSOR="zstd", GRAD_ACCUM_STEPS=4 // n)
+        r = run_train(d, dataset, tokenizer, nproc=n, ITERATIONS=8, COMPRESSOR="zstd", GRAD_ACCUM_STEPS=4 // n,
+                      LATE_QAT_THRESHOLD=0.5, QAT_SIZE_FIT=1, SIZE_TARGET=80_000, SIZE_LIMIT=90_000)
         assert r.returncode == 0, failure_tail(r)
         out[n] = d
     return out
@@ -25,6 +26,8 @@ def test_two_processes_train_like_one(runs):
     assert one[0][2] == two[0][2]  # the first step's global loss: same data, same weights
     for (_, _, a), (_, _, b) in zip(one, two):
         assert abs(a - b) < 2e-3  # later steps differ only by reduction order
+    floors = [re.search(r"qat_size_fit: clip_floor ([\d.]+)", (runs[n] / "logs" / "t.txt").read_text())[1] for n in (1, 2)]
+    assert floors[0] == floors[1] and float(floors[0]) > 0.5  # QAT_SIZE_FIT's floor, the same with two processes
 
 
 @pytest.mark.parametrize("nproc", [2, 3])

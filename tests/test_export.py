@@ -1,12 +1,15 @@
 """Quantisation, the artifact format and its errors."""
 import json
+import re
 
 import brotli
 import pytest
 import torch
+import torch._dynamo.testing
 import zstandard
 
 import train_gpt as tg
+from conftest import failure_tail, run_train
 from test_model import tiny_hp
 
 PCTS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
@@ -190,6 +193,52 @@ def test_size_fit_raises_the_floor_until_it_fits(tmp_path):
     assert n <= first - 2000 and any("size_fit" in line for line in lines)
     floors = [float(line.split("clip_floor:")[1].split()[0]) for line in lines if line.startswith("artifact:")]
     assert floors[0] == hp.quant_clip_floor and all(b == pytest.approx(a * 1.1, rel=1e-3) for a, b in zip(floors, floors[1:]))
+
+
+def test_estimated_bytes_track_the_compressed_artifact(tmp_path):
+    """QAT_SIZE_FIT's estimate (entropy of the values, fp16 scales, the rest at its width) against brotli's bytes:
+    within 5% at floors from none to one that coarsens most rows, and falling as the floor rises."""
+    hp = tiny_hp()
+    _, state = trained_like_state(hp)
+    estimates = []
+    for floor in (0.0, 0.5, 1.0, 2.0):
+        quant = tg.dataclasses.replace(tg.Quantizer.from_hp(hp), clip_floor=floor)
+        estimates.append(tg.estimated_bytes(state, quant))
+        assert tg.write_artifact(str(tmp_path / "a.ptz"), state, hp, quant) == pytest.approx(estimates[-1], rel=0.05)
+    assert estimates == sorted(estimates, reverse=True) and estimates[-1] < 0.8 * estimates[0]
+
+
+def test_a_device_floor_moves_the_compiled_qat_forward_without_a_recompile():
+    """QAT_SIZE_FIT fills the clip floor in place after the warm-up compiled the QAT graph: the graph must read
+    it (not bake in its value), or training would go on with the old grid, or stop to recompile."""
+    torch.manual_seed(0)
+    layer = tg.CastedLinear(96, 96)
+    floor = torch.full((), 0.01)
+    layer.qat = tg.dataclasses.replace(tg.Quantizer.from_hp(tiny_hp()), clip_floor=floor)
+    torch._dynamo.reset()
+    counts = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(layer, backend=counts, fullgraph=True)
+    x = torch.randn(4, 96)
+    before = compiled(x)
+    floor.fill_(1.0)  # most rows now below the floor: a coarser grid
+    after = compiled(x)
+    assert counts.frame_count == 1 and not torch.allclose(before, after)
+    assert torch.equal(after, layer(x))  # the eager forward at the new floor
+
+
+def test_qat_size_fit_trains_on_the_floor_the_export_writes(tmp_path, dataset, tokenizer):
+    """A SIZE_TARGET under the tiny model's size at the default floor: at late QAT's start the floor rises until the
+    estimate fits, QAT trains on it and the export starts from it."""
+    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=30, LATE_QAT_THRESHOLD=0.5, QAT_SIZE_FIT=1,
+                  SIZE_TARGET=80_000, SIZE_LIMIT=90_000)
+    assert r.returncode == 0, failure_tail(r)
+    fit = re.search(r"qat_size_fit: clip_floor ([\d.]+), estimated ([\d,]+) bytes for ([\d,]+) in", r.stdout)
+    floor, estimate, budget = float(fit[1]), int(fit[2].replace(",", "")), int(fit[3].replace(",", ""))
+    assert floor > 0.5 and estimate <= budget < 80_000  # the budget is SIZE_TARGET less the code
+    assert r.stdout.index("qat_size_fit:") < r.stdout.index("late_qat:on")
+    exported = re.search(r"artifact:\S+ \d+ bytes \(brotli\) clip_floor:([\d.]+)", r.stdout)
+    assert float(exported[1]) == pytest.approx(floor, abs=1e-4)
+    assert int(re.search(r"Total submission size int6\+brotli: (\d+)", r.stdout)[1]) <= 90_000
 
 
 def rewrite_header(raw: bytes, edit) -> bytes:
