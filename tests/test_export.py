@@ -140,6 +140,13 @@ def test_recompress_reports_each_codec_and_shuffle(tmp_path):
     assert len(listed) == 3 and costs == sorted(costs, reverse=True) and "tok_emb.weight int8 320x64:" in out
     assert all("zeros" in line for line in listed if " int" in line) and not any(".scale " in x for x in listed)
     assert {line.split(":")[0].strip() for line in entropy.splitlines()[1:]} == {"int6", "int8"}
+    rows = re.findall(r"clip_floor ([\d.]+): estimated ([\d,]+) \(.*\), zstd ([\d,]+)", recompress("zstd", "--estimate", "0.5,2"))
+    (f1, est1, zstd1), (f2, est2, zstd2) = [(float(f), int(e.replace(",", "")), int(z.replace(",", ""))) for f, e, z in rows]
+    assert (f1, f2) == (0.5, 2.0) and est2 < est1 and zstd2 < zstd1  # a higher floor: fewer bytes, estimated and written
+    assert zstd1 == pytest.approx((tmp_path / "a").stat().st_size, rel=0.01)  # quantised again at its own floor
+    bad = subprocess.run([sys.executable, str(tg.Path(tg.__file__).parent / "tools" / "recompress.py"), str(tmp_path / "a"),
+                          "--estimate", "half"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--estimate takes comma-separated numbers" in bad.stderr
 
 
 def test_order0_bits_counts_each_value_by_its_frequency():

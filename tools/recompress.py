@@ -1,12 +1,15 @@
 """Size of an artifact's model under other codecs and byte shuffles (BYTE_SHUFFLE), and where its bytes go:
-python3 tools/recompress.py ARTIFACT [CODEC ...] [--shuffle 0,2,4] [--tensors N] [--entropy]
+python3 tools/recompress.py ARTIFACT [CODEC ...] [--shuffle 0,2,4] [--tensors N] [--entropy] [--estimate 0.5,1.0]
 
 --tensors N lists the N tensors that cost most, each compressed alone with the first codec: stored kind, shape,
 compressed bytes, for integer tensors the share of zeros and the mean |value| in steps, and the row scales' mean
 (which is what a smaller weight, under the clip floor, changes).
 --entropy: per integer kind (int6, int8, ...), the first codec's bits per value (each tensor alone) against the
-tensors' order-0 entropy, what any coder that codes each tensor's values independently needs at least."""
+tensors' order-0 entropy, what any coder that codes each tensor's values independently needs at least.
+--estimate FLOORS: the model (dequantised) quantised again at each clip floor: QAT_SIZE_FIT's `estimated_bytes`
+against the bytes the first codec writes."""
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,15 +28,12 @@ def main(argv=None) -> int:
             raise UsageError("--tensors takes how many tensors to list, e.g. --tensors 20")
         top = int(argv[i + 1])
         del argv[i:i + 2]
-    if "--shuffle" in argv:
-        i = argv.index("--shuffle")
-        try:
-            strides = [int(s) for s in argv[i + 1].split(",")]
-        except (IndexError, ValueError):
-            raise UsageError("--shuffle takes comma-separated strides, e.g. --shuffle 0,2,4") from None
-        if not all(0 <= s <= 15 for s in strides):
-            raise UsageError("--shuffle strides must be between 0 and 15")
-        del argv[i:i + 2]
+    strides = option_numbers(argv, "--shuffle", int, "0,2,4") or strides
+    if not all(0 <= s <= 15 for s in strides):
+        raise UsageError("--shuffle strides must be between 0 and 15")
+    floors = option_numbers(argv, "--estimate", float, "0.5,1.0")
+    if not all(f >= 0 for f in floors):
+        raise UsageError("--estimate floors must not be negative")
     if not argv:
         raise UsageError("usage: python3 tools/recompress.py ARTIFACT [CODEC ...] [--shuffle 0,2,4]")
     codecs = argv[1:] or list(tg.CODECS)
@@ -52,7 +52,41 @@ def main(argv=None) -> int:
         print_tensor_costs(stored, codecs[0], top)
     if entropy:
         print_entropy(stored, codecs[0])
+    if floors:
+        print_estimates(argv[0], raw, stored, codecs[0], floors)
     return 0
+
+
+def option_numbers(argv: list, flag: str, kind: type, example: str) -> list:
+    """The comma-separated numbers after `flag` (both taken out of argv); [] when the flag is absent."""
+    if flag not in argv:
+        return []
+    i = argv.index(flag)
+    try:
+        values = [kind(v) for v in argv[i + 1].split(",")]
+    except (IndexError, ValueError):
+        raise UsageError(f"{flag} takes comma-separated numbers, e.g. {flag} {example}") from None
+    del argv[i:i + 2]
+    return values
+
+
+def print_estimates(path: str, raw: bytes, stored: dict, codec: str, floors: list):
+    """Each tensor stored as an integer is quantised again at its stored width (the artifact's layout, mixed widths
+    too), the rest as stored, by gptq_lite's rounding."""
+    hp = tg.with_artifact_config(tg.Hyperparameters(compressor=codec, run_id="recompress"), path)
+    _, state = tg.unpack_state(raw)
+    ints = {name: int(kind[3:]) for name, (kind, _) in stored.items() if kind.startswith("int")}
+    layout = tg.dataclasses.replace(tg.Quantizer.from_hp(hp), bits_by_name=ints,
+                                    min_numel=min(stored[name][1].size for name in ints) - 1)
+    out = Path(tempfile.mkdtemp()) / "estimate.ptz"
+    print(f"estimated_bytes (QAT_SIZE_FIT) against {codec}, the dequantised model quantised again at each floor:")
+    for floor in floors:
+        quant = tg.dataclasses.replace(layout, clip_floor=floor)
+        t0 = time.perf_counter()
+        estimate = tg.estimated_bytes(state, quant)
+        seconds, written = time.perf_counter() - t0, tg.write_artifact(str(out), state, hp, quant)
+        print(f"  clip_floor {floor}: estimated {estimate:,.0f} ({seconds:.1f}s), {codec} {written:,} ({written / estimate - 1:+.2%})")
+    out.unlink()
 
 
 def order0_bits(values) -> float:
