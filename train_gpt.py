@@ -212,6 +212,7 @@ class Hyperparameters:
         need(self.size_target <= self.size_limit or self.quant_bits != "mixed" and not self.qat_size_fit, "size_target",
              f"must be at most SIZE_LIMIT={self.size_limit}")
         need(self.late_qat_threshold > 0 or not self.qat_size_fit, "qat_size_fit", "needs late QAT (LATE_QAT_THRESHOLD > 0)")
+        need(self.quant_clip_floor > 0 or not (self.size_fit or self.qat_size_fit), "quant_clip_floor", "must be positive for the size fits")
         need(self.vocab_size <= 1 << 16, "vocab_size", "must fit the shards' uint16 token ids (at most 65536)")
         need(self.bigram_vocab_size != 1, "bigram_vocab_size", "must be 0 (off) or at least 2")
         need(self.gptq_reserve_seconds < self.max_wallclock_seconds or self.max_wallclock_seconds == 0
@@ -747,8 +748,7 @@ class GPT(nn.Module):
             m.proj.weight.data.mul_(1 / math.sqrt(2 * L))
         # built last, so that switching one on leaves the other modules' initial weights as they were
         self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights)) if hp.skip_gates else None
-        self.engram = EngramLite(hp.engram_buckets, hp.engram_heads, hp.engram_orders, hp.engram_dim, dim) \
-            if hp.engram_buckets else None
+        self.engram = EngramLite(hp.engram_buckets, hp.engram_heads, hp.engram_orders, hp.engram_dim, dim) if hp.engram_buckets else None
         self.recur, self.loops_on = hp.recur, hp.recur_loops if hp.recur else 0  # the training loop sets loops_on
         self.lora: tuple[Tensor, Tensor] | None = None  # the output head's DocLoRA deltas (add_lora)
         self.recur_mlps = nn.ModuleList(MLP(dim, int(hp.mlp_mult * dim), hp.layer_slopes[i], hp.mlp_kernel)

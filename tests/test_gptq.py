@@ -65,7 +65,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
 
 def test_gptq_quantizer_uses_hessians_by_name_and_rounds_the_rest():
     w, _, h = correlated_problem(rows=8, cols=40)
-    hp = tiny_hp(quantizer="gptq", quant_clip_floor=0)
+    hp = tiny_hp(quantizer="gptq", quant_clip_floor=0, size_fit=0)
     quant = tg.QUANTIZERS["gptq"].from_hp(hp)
     quant = tg.dataclasses.replace(quant, hessians={"a.weight": h})
     q_a, s_a = quant.quantize("a.weight", w, 6)
@@ -81,7 +81,7 @@ def test_sdclip_scales_are_k_standard_deviations_with_the_floor():
     assert torch.allclose(got, 12.85 * w.std(dim=1) / 31, rtol=1e-3)
     floored = tg.sdclip_scales(w, 6, 12.85, clip_floor=1.0).float()
     assert torch.allclose(floored, torch.maximum(got, torch.tensor(1 / 31)), rtol=1e-3)
-    quant = tg.Quantizer.from_hp(tiny_hp(clip_mode="sdclip", sdclip_k=3.0, sdclip_k_embed=5.0, quant_clip_floor=0))
+    quant = tg.Quantizer.from_hp(tiny_hp(clip_mode="sdclip", sdclip_k=3.0, sdclip_k_embed=5.0, quant_clip_floor=0, size_fit=0))
     assert torch.allclose(quant.quantize("blocks.0.mlp.fc.weight", w, 6)[1].float(), 3 * w.std(dim=1) / 31, rtol=1e-3)
     assert torch.allclose(quant.quantize("tok_emb.weight", w, 8)[1].float(), 5 * w.std(dim=1) / 127, rtol=1e-3)
 
@@ -187,7 +187,7 @@ def test_mixed_export_reaches_the_target_with_the_widths_it_logs(tmp_path):
     artifact of mixed widths near the target (the entropy estimate is within 2% of zstd's bytes), whose stored
     kinds are the widths it logged."""
     from test_export import trained_like_state
-    hp = tiny_hp(quantizer="gptq", quant_bits="mixed", compressor="zstd", quant_clip_floor=0)
+    hp = tiny_hp(quantizer="gptq", quant_bits="mixed", compressor="zstd", quant_clip_floor=0, size_fit=0)
     _, state = trained_like_state(hp)
     g, base = torch.Generator().manual_seed(1), tg.QUANTIZERS["gptq"].from_hp(hp)
     inputs = {n: torch.randn(300, t.size(1), generator=g) for n, t in state.items() if base.kind(n, t) == "int"}

@@ -52,6 +52,9 @@ def test_env_parsing_and_errors():
     ({"CLIP_PERCENTILES": "0.99,x"}, "CLIP_PERCENTILES='0.99,x' must be a comma-separated list"),
     ({"CLIP_PERCENTILES": ""}, "CLIP_PERCENTILES='' must be a comma-separated list"),
     ({"RUN_ID": "../elsewhere"}, "RUN_ID='../elsewhere' may hold only"),
+    ({"QAT_SIZE_FIT": "1", "LATE_QAT_THRESHOLD": "0"}, "QAT_SIZE_FIT=True needs late QAT"),
+    ({"QAT_SIZE_FIT": "1", "SIZE_TARGET": "16000001"}, "SIZE_TARGET=16000001 must be at most SIZE_LIMIT=16000000"),
+    ({"QUANT_CLIP_FLOOR": "0"}, "QUANT_CLIP_FLOOR=0.0 must be positive for the size fits"),  # 10% steps from 0 stay at 0
 ])
 def test_bad_settings_are_refused_before_anything_runs(env, message):
     with pytest.raises(tg.ConfigError, match=re.escape(message)):
