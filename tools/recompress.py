@@ -77,16 +77,15 @@ def print_estimates(path: str, raw: bytes, stored: dict, codec: str, floors: lis
     _, state = tg.unpack_state(raw)
     ints = {name: int(kind[3:]) for name, (kind, _) in stored.items() if kind.startswith("int")}
     layout = tg.dataclasses.replace(tg.Quantizer.from_hp(hp), bits_by_name=ints,
-                                    min_numel=min(stored[name][1].size for name in ints) - 1)
-    out = Path(tempfile.mkdtemp()) / "estimate.ptz"
+                                    min_numel=min((stored[name][1].size for name in ints), default=2 ** 62) - 1)
     print(f"estimated_bytes (QAT_SIZE_FIT) against {codec}, the dequantised model quantised again at each floor:")
     for floor in floors:
         quant = tg.dataclasses.replace(layout, clip_floor=floor)
         t0 = time.perf_counter()
-        estimate = tg.estimated_bytes(state, quant)
-        seconds, written = time.perf_counter() - t0, tg.write_artifact(str(out), state, hp, quant)
+        estimate, seconds = tg.estimated_bytes(state, quant), time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            written = tg.write_artifact(f"{tmp}/estimate.ptz", state, hp, quant)
         print(f"  clip_floor {floor}: estimated {estimate:,.0f} ({seconds:.1f}s), {codec} {written:,} ({written / estimate - 1:+.2%})")
-    out.unlink()
 
 
 def order0_bits(values) -> float:
