@@ -170,3 +170,27 @@ def test_launcher_runs_ranks_and_passes_the_first_failure_on(tmp_path):
                        env={**os.environ, "FAIL_RANK": "1"})
     assert r.returncode == 2
     assert_one_error(subprocess.run([*launch, "0", str(script)], capture_output=True, text=True), "usage")
+
+
+def test_quant_error_ranks_export_settings_on_an_artifact(tmp_path, dataset, tokenizer):
+    """tools/quant_error.py on a tiny artifact: its own setting quantises it again as stored (no error, the same
+    loss), a higher floor costs fewer bytes and adds error, and GPTQ on the same scales has less output error than
+    rounding (it minimises exactly that error on the calibration Hessians)."""
+    import re
+    import train_gpt as tg
+    from test_export import trained_like_state
+    from test_model import tiny_hp
+    hp = tiny_hp(vocab_size=320)
+    tg.write_artifact(str(tmp_path / "a.ptz"), trained_like_state(hp)[1], hp, tg.Quantizer.from_hp(hp))
+    tool = [sys.executable, str(ROOT / "tools" / "quant_error.py"), str(tmp_path / "a.ptz"), str(dataset), tokenizer,
+            "--calib-seqs", "4", "--val-seqs", "4", "--seq-len", "64"]
+    r = subprocess.run([*tool, "QUANT_CLIP_FLOOR=0.5", "QUANT_CLIP_FLOOR=2", "QUANTIZER=gptq,QUANT_CLIP_FLOOR=2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    stored = float(re.search(r"artifact as stored: val_loss ([\d.]+)", r.stdout)[1])
+    rows = re.findall(r"estimated ([\d,]+) bytes, output error ([\d.e+-]+) .*val_loss ([\d.]+)", r.stdout)
+    (b05, e05, l05), (b2, e2, l2), (bg, eg, lg) = [(int(b.replace(",", "")), float(e), float(l)) for b, e, l in rows]
+    assert e05 == 0 and l05 == stored  # the artifact's own grid
+    assert b2 < b05 and e2 > 0 and l2 != stored and bg == b2 and 0 < eg < e2
+    bad = subprocess.run([*tool, "QUANT_CLIP_FLOOR"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not NAME=VALUE" in bad.stderr
