@@ -48,7 +48,6 @@ def main(argv=None) -> int:
                 "QUANT_MIN_NUMEL": str(min(ints, default=2 ** 62) - 1)}  # the artifact's own layout, unless a setting says
     hps = [tg.with_artifact_config(tg.Hyperparameters.from_env({**base_env, **env}), args.artifact)
            for env in [{}] + settings]  # every setting checked before anything slow runs
-    torch.manual_seed(0)
     _, state = tg.unpack_state(raw0)
     model = tg.GPT(hps[0], "sdpa", torch.float32)
     model.load_state_dict(state, strict=True)
