@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
 from cli import ArgParser, UsageError, run  # noqa: E402
+from recompress import layout_min_numel  # noqa: E402
 
 
 def parse_setting(text: str) -> dict[str, str]:
@@ -41,11 +42,10 @@ def main(argv=None) -> int:
         raise UsageError("--calib-seqs, --val-seqs and --seq-len must be at least 1")
     settings = [parse_setting(s) for s in args.settings]
     raw0 = tg.read_payload(args.artifact)
-    ints = [a.size for kind, a in tg.stored_tensors(raw0)[1].values() if kind.startswith("int")]
     base_env = {"RUN_ID": "quant_error", "DATA_PATH": args.data_dir, "TOKENIZER_PATH": args.tokenizer,
                 "TORCH_COMPILE": "0", "TTT_MODE": "off", "TTT_LORA_CHUNK": str(args.seq_len),
                 "EVAL_SEQ_LEN": str(args.seq_len), "EVAL_STRIDE": str(args.seq_len),
-                "QUANT_MIN_NUMEL": str(min(ints, default=2 ** 62) - 1)}  # the artifact's own layout, unless a setting says
+                "QUANT_MIN_NUMEL": str(layout_min_numel(tg.stored_tensors(raw0)[1]))}  # unless a setting says
     hps = [tg.with_artifact_config(tg.Hyperparameters.from_env({**base_env, **env}), args.artifact)
            for env in [{}] + settings]  # every setting checked before anything slow runs
     _, state = tg.unpack_state(raw0)

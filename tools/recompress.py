@@ -76,8 +76,7 @@ def print_estimates(path: str, raw: bytes, stored: dict, codec: str, floors: lis
     hp = tg.with_artifact_config(tg.Hyperparameters(compressor=codec, run_id="recompress"), path)
     _, state = tg.unpack_state(raw)
     ints = {name: int(kind[3:]) for name, (kind, _) in stored.items() if kind.startswith("int")}
-    layout = tg.dataclasses.replace(tg.Quantizer.from_hp(hp), bits_by_name=ints,
-                                    min_numel=min((stored[name][1].size for name in ints), default=2 ** 62) - 1)
+    layout = tg.dataclasses.replace(tg.Quantizer.from_hp(hp), bits_by_name=ints, min_numel=layout_min_numel(stored))
     print(f"estimated_bytes (QAT_SIZE_FIT) against {codec}, the dequantised model quantised again at each floor:")
     for floor in floors:
         quant = tg.dataclasses.replace(layout, clip_floor=floor)
@@ -89,9 +88,15 @@ def print_estimates(path: str, raw: bytes, stored: dict, codec: str, floors: lis
 
 
 def order0_bits(values) -> float:
-    """Bits to code `values` with their own frequencies, each value independently."""
-    _, counts = tg.np.unique(values, return_counts=True)
-    return float(-(counts * tg.np.log2(counts / counts.sum())).sum())
+    """Bits to code integer `values` with their own frequencies, each value independently (train_gpt's
+    `entropy_bytes`, the estimate QAT_SIZE_FIT and mixed bits use)."""
+    return 8 * tg.entropy_bytes(tg.torch.tensor(tg.np.asarray(values)))
+
+
+def layout_min_numel(stored: dict) -> int:
+    """The QUANT_MIN_NUMEL that quantises exactly the tensors an artifact stored as integers (`stored`:
+    train_gpt.stored_tensors' arrays by name)."""
+    return min((a.size for kind, a in stored.values() if kind.startswith("int")), default=2 ** 62) - 1
 
 
 def print_entropy(stored: dict, codec: str):
