@@ -112,7 +112,6 @@ class Hyperparameters:
     muon_backend: str = "newton_schulz"  # newton_schulz | polar_express (per-step coefficients)
     muon_row_norm: bool = True  # MuonEq-R: rows of the update normalised before the orthogonalisation (issue 13: −0.013)
     ns_margin: float = 1.01  # Newton-Schulz starts from G / (margin * |G|_F); the 1.1233 script has 1.0
-    embed_bf16: bool = False  # embedding tables rounded to bf16 after each step: the 1.1233 script's bf16 tables
     muon_wd: float = 0.04
     adam_wd: float = 0.04
     adam_lr_decay: bool = True  # AdamW's LRs follow the schedule; 0: they stay constant (proxy5's 10.5 MB model, issue 14)
@@ -907,7 +906,6 @@ class Optimizers:
         taken = {id(p) for p in matrices + tables}
         scalars = [p for p in model.parameters() if id(p) not in taken]
         self.clip_norm, self.rank, self.world, self.adam_lr_decay = hp.grad_clip_norm, rank, world, hp.adam_lr_decay
-        self.bf16_tables = [p.data for p in tables] if hp.embed_bf16 else []  # rounded after each step
         self.muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
                          hp.muon_backend, world, compile_ns, hp.muon_row_norm, hp.ns_margin)
         self.adam_grads = attach_grad_buffer(tables + scalars, (sum(p.numel() for p in tables + scalars),))
@@ -937,8 +935,6 @@ class Optimizers:
         self.adam_grads.mul_(grad_scale)
         self.muon.step(grad_scale)
         self.adam.step()
-        if self.bf16_tables:
-            torch._foreach_copy_(self.bf16_tables, [t.bfloat16() for t in self.bf16_tables])
         self.muon.finish()
         torch._foreach_zero_(self.grad_buffers)
     def state_dict(self) -> list[dict]:
@@ -1054,16 +1050,20 @@ def set_qat(layers: list[CastedLinear], quant: Quantizer | None):
         m.qat = quant
 
 def fit_qat_floor(model: GPT, weights: list[Tensor], quant: Quantizer, budget: float, world: int, log):
-    """QAT_SIZE_FIT: raise `quant`'s clip floor (a device scalar) by 10% steps until `estimated_bytes` of the
-    model's `weights` fits `budget`, so that late QAT trains on the grid the export writes. Rank 0's floor wins."""
+    """QAT_SIZE_FIT: raise `quant`'s clip floor (a device scalar) by 10% steps until `estimated_bytes` of `weights`
+    fits `budget`, then bisect the last step 4 times (within 0.7%): late QAT trains on the grid the export writes."""
     state = dict(zip((n for n, _ in model.named_parameters()), weights))
-    t0, floor = time.perf_counter(), quant.clip_floor.item()
-    while (est := estimated_bytes(state, dataclasses.replace(quant, clip_floor=floor))) > budget and floor < 100:
-        floor *= 1.1
+    estimate = lambda f: estimated_bytes(state, dataclasses.replace(quant, clip_floor=f))
+    t0, low, floor = time.perf_counter(), 0.0, quant.clip_floor.item()
+    while estimate(floor) > budget and floor < 100:
+        low, floor = floor, floor * 1.1
+    for _ in range(4 if low else 0):
+        mid = (low + floor) / 2
+        low, floor = (low, mid) if estimate(mid) <= budget else (mid, floor)
     quant.clip_floor.fill_(floor)
     if world > 1:
         dist.broadcast(quant.clip_floor, 0)
-    log(f"qat_size_fit: clip_floor {floor:.4f}, estimated {est:,.0f} bytes for {budget:,.0f} in {time.perf_counter() - t0:.1f}s")
+    log(f"qat_size_fit: clip_floor {floor:.4f}, estimated {estimate(floor):,.0f} bytes for {budget:,.0f} in {time.perf_counter() - t0:.1f}s")
 
 def check_switch(model: nn.Module, batch: tuple[Tensor, Tensor], switch, off, on, what: str, fix: str):
     """A switch read in the compiled forward must reach it: at the same weights and batch the loss with it on must

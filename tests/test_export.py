@@ -215,6 +215,21 @@ def test_estimated_bytes_track_the_compressed_artifact(tmp_path):
     assert estimates == sorted(estimates, reverse=True) and estimates[-1] < 0.8 * estimates[0]
 
 
+def test_qat_size_fit_lands_on_the_lowest_floor_that_fits():
+    """From floor 0.5 the 10% steps pass 0.732 (over a budget that floor 0.76 meets) and reach 0.805; the bisection
+    of that step must come down to within 0.7% of 0.76, and the floor it keeps must fit."""
+    hp = tiny_hp()
+    m, state = trained_like_state(hp)
+    quant = tg.dataclasses.replace(tg.Quantizer.from_hp(hp), clip_floor=torch.full((), 0.5))
+    estimate = lambda f: tg.estimated_bytes(state, tg.dataclasses.replace(quant, clip_floor=f))
+    budget, lines = estimate(0.76), []
+    assert estimate(0.5 * 1.1 ** 3) > budget
+    tg.fit_qat_floor(m, [p.detach() for p in m.parameters()], quant, budget, 1, lines.append)
+    floor = quant.clip_floor.item()
+    assert 0.5 * 1.1 ** 3 < floor <= 0.76 * 1.007 and estimate(floor) <= budget
+    assert lines[0].startswith(f"qat_size_fit: clip_floor {floor:.4f}, estimated ")
+
+
 def test_a_device_floor_moves_the_compiled_qat_forward_without_a_recompile():
     """QAT_SIZE_FIT fills the clip floor in place after the warm-up compiled the QAT graph: the graph must read
     it (not bake in its value), or training would go on with the old grid, or stop to recompile."""
