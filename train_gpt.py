@@ -70,7 +70,7 @@ class Hyperparameters:
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: float = 3.0
+    mlp_mult: float = 3.5
     leaky_relu_slope: float = 0.5  # leaky_relu(x, slope)^2; 0 = relu^2 (proxy, 1,700 steps: 0.5 is -0.0020 / -0.0024 bpb)
     leaky_relu_slopes: str = ""  # one slope per layer, comma-separated (overrides LEAKY_RELU_SLOPE)
     mlp_kernel: str = "auto"  # auto (triton on CUDA when its start-up check passes) | triton | torch
@@ -128,7 +128,7 @@ class Hyperparameters:
     quant_bits: str = "6"  # block matrices' bits, or mixed: each one MIXED_BITS by GPTQ's error per byte (QUANTIZER=gptq)
     mixed_bits: str = "5,6,7"  # QUANT_BITS=mixed: the widths, lowest first (every matrix starts there; late QAT uses it)
     size_target: int = 15_900_000  # QUANT_BITS=mixed promotes matrices until code + artifact reach this
-    qat_size_fit: bool = False  # at late QAT's start raise the clip floor until the estimated size fits SIZE_TARGET
+    qat_size_fit: bool = True  # at late QAT's start raise the clip floor until the estimate fits (with SIZE_FIT; not mixed)
     clip_mode: str = "search"  # row scales: search (the least-error of CLIP_PERCENTILES) | sdclip (SDCLIP_K * std of the row)
     sdclip_k: float = 12.85  # block matrices' clip in row standard deviations (CLIP_MODE=sdclip)
     sdclip_k_embed: float = 14.0  # embedding tables' clip in row standard deviations
@@ -166,6 +166,7 @@ class Hyperparameters:
     lora_phases = property(lambda self: csv_numbers(self.ttt_lora_phases))
     # the block matrices' bits for late QAT and a fixed-width export (with mixed: the lowest width)
     block_bits = property(lambda self: self.widths[0] if self.quant_bits == "mixed" else int(self.quant_bits))
+    fits_at_qat = property(lambda self: self.qat_size_fit and self.size_fit and self.quant_bits != "mixed")
     @property
     def recur_starts(self) -> tuple[float, ...]:
         """The run fraction at which each extra pass switches on."""
@@ -208,10 +209,9 @@ class Hyperparameters:
              "needs QUANTIZER=gptq (matrices are ranked by their Hessian-weighted error)")
         need(parses(lambda: list(self.widths) == sorted(set(self.widths)) and 2 <= self.widths[0] <= self.widths[-1] <= 8),
              "mixed_bits", "must be increasing comma-separated bit widths between 2 and 8")
-        need(self.size_target <= self.size_limit or self.quant_bits != "mixed" and not self.qat_size_fit, "size_target",
+        need(self.size_target <= self.size_limit or self.quant_bits != "mixed", "size_target",
              f"must be at most SIZE_LIMIT={self.size_limit}")
-        need(self.late_qat_threshold > 0 or not self.qat_size_fit, "qat_size_fit", "needs late QAT (LATE_QAT_THRESHOLD > 0)")
-        need(self.quant_clip_floor > 0 or not (self.size_fit or self.qat_size_fit), "quant_clip_floor", "must be positive for the size fits")
+        need(self.quant_clip_floor > 0 or not self.size_fit, "quant_clip_floor", "must be positive for the size fits")
         need(self.vocab_size <= 1 << 16, "vocab_size", "must fit the shards' uint16 token ids (at most 65536)")
         need(self.bigram_vocab_size != 1, "bigram_vocab_size", "must be 0 (off) or at least 2")
         need(self.gptq_reserve_seconds < self.max_wallclock_seconds or self.max_wallclock_seconds == 0
@@ -1169,7 +1169,7 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
     """The training loop; returns the final (averaged) model, GPTQ's Hessians and the clip floor QAT trained on."""
     parts = setup_training(hp, rank, world, device, attn_impl, log)
     sched, quant = Schedule.from_hp(hp), QUANTIZERS[hp.quantizer].from_hp(hp)
-    if hp.qat_size_fit:  # a device scalar: the fit moves the compiled QAT graph's floor without a recompile
+    if hp.fits_at_qat:  # a device scalar: the fit moves the compiled QAT graph's floor without a recompile
         quant = dataclasses.replace(quant, clip_floor=torch.full((), hp.quant_clip_floor, device=device))
     qat_layers = quantized_linears(parts.model, quant)
     compile_warmup(parts, hp, sched, qat_layers, quant, log)
@@ -1201,8 +1201,8 @@ def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn
         if stop:
             break
         if not qat_on and sched.qat(progress):
-            if hp.qat_size_fit:  # the EMA is what the export writes
-                fit_qat_floor(parts.model, ema or weights, quant, hp.size_target - code_bytes, world, log)
+            if hp.fits_at_qat:  # the EMA is what the export writes
+                fit_qat_floor(parts.model, ema or weights, quant, min(hp.size_target, hp.size_limit) - code_bytes, world, log)
             set_qat(qat_layers, quant)
             qat_on = True
             log(f"late_qat:on step:{step} lr_scale:{scale:.3f}")

@@ -249,18 +249,28 @@ def test_a_device_floor_moves_the_compiled_qat_forward_without_a_recompile():
 
 
 def test_qat_size_fit_trains_on_the_floor_the_export_writes(tmp_path, dataset, tokenizer):
-    """A SIZE_TARGET under the tiny model's size at the default floor: at late QAT's start the floor rises until the
-    estimate fits, QAT trains on it and the export starts from it."""
-    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=30, LATE_QAT_THRESHOLD=0.5, QAT_SIZE_FIT=1,
-                  SIZE_TARGET=80_000, SIZE_LIMIT=90_000)
+    """The defaults with a SIZE_LIMIT under the tiny model's size at floor 0.5 (SIZE_TARGET's default is above it, so
+    the limit is the budget): at late QAT's start the floor rises until the estimate fits, QAT trains on it and the
+    export starts from it."""
+    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=30, LATE_QAT_THRESHOLD=0.5, SIZE_LIMIT=80_000)
     assert r.returncode == 0, failure_tail(r)
     fit = re.search(r"qat_size_fit: clip_floor ([\d.]+), estimated ([\d,]+) bytes for ([\d,]+) in", r.stdout)
     floor, estimate, budget = float(fit[1]), int(fit[2].replace(",", "")), int(fit[3].replace(",", ""))
-    assert floor > 0.5 and estimate <= budget < 80_000  # the budget is SIZE_TARGET less the code
+    assert floor > 0.5 and estimate <= budget < 80_000  # the budget is SIZE_LIMIT less the code
     assert r.stdout.index("qat_size_fit:") < r.stdout.index("late_qat:on")
     exported = re.search(r"artifact:\S+ \d+ bytes \(brotli\) clip_floor:([\d.]+)", r.stdout)
     assert float(exported[1]) == pytest.approx(floor, abs=1e-4)
-    assert int(re.search(r"Total submission size int6\+brotli: (\d+)", r.stdout)[1]) <= 90_000
+    assert int(re.search(r"Total submission size int6\+brotli: (\d+)", r.stdout)[1]) <= 80_000
+
+
+@pytest.mark.parametrize("settings", [dict(SIZE_FIT=0, ALLOW_OVERSIZE=1),
+                                      dict(QUANTIZER="gptq", QUANT_BITS="mixed", SIZE_TARGET=75_000)])
+def test_qat_size_fit_stays_out_without_the_size_fit_and_with_mixed_bits(tmp_path, dataset, tokenizer, settings):
+    """SIZE_FIT=0 asks for no fitting at all, and mixed bits spend on promotions the bytes a raised floor would save:
+    late QAT starts on QUANT_CLIP_FLOOR as it is, under the same SIZE_LIMIT as above."""
+    r = run_train(tmp_path, dataset, tokenizer, ITERATIONS=30, LATE_QAT_THRESHOLD=0.5, SIZE_LIMIT=80_000, **settings)
+    assert r.returncode == 0, failure_tail(r)
+    assert "late_qat:on" in r.stdout and "qat_size_fit:" not in r.stdout
 
 
 def rewrite_header(raw: bytes, edit) -> bytes:

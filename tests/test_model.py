@@ -52,8 +52,8 @@ def test_env_parsing_and_errors():
     ({"CLIP_PERCENTILES": "0.99,x"}, "CLIP_PERCENTILES='0.99,x' must be a comma-separated list"),
     ({"CLIP_PERCENTILES": ""}, "CLIP_PERCENTILES='' must be a comma-separated list"),
     ({"RUN_ID": "../elsewhere"}, "RUN_ID='../elsewhere' may hold only"),
-    ({"QAT_SIZE_FIT": "1", "LATE_QAT_THRESHOLD": "0"}, "QAT_SIZE_FIT=True needs late QAT"),
-    ({"QAT_SIZE_FIT": "1", "SIZE_TARGET": "16000001"}, "SIZE_TARGET=16000001 must be at most SIZE_LIMIT=16000000"),
+    ({"QUANTIZER": "gptq", "QUANT_BITS": "mixed", "SIZE_TARGET": "16000001"},
+     "SIZE_TARGET=16000001 must be at most SIZE_LIMIT=16000000"),
     ({"QUANT_CLIP_FLOOR": "0"}, "QUANT_CLIP_FLOOR=0.0 must be positive for the size fits"),  # 10% steps from 0 stay at 0
 ])
 def test_bad_settings_are_refused_before_anything_runs(env, message):
@@ -369,11 +369,11 @@ TODAY_LOSSES = [5.767948627471924, 6.04958963394165, 6.134584903717041, 6.107173
 
 
 def test_switches_off_give_todays_model():
-    """With every later record's switch off (LEAKY_RELU_SLOPE=0, PARALLEL_RESID_START=0, QUANT_CLIP_FLOOR=1 and
-    MUON_ROW_NORM=0 too: their defaults changed), the tiny model has the parameters it had before those switches existed and, over four optimizer steps on fixed batches (the last
+    """With every later record's switch off (LEAKY_RELU_SLOPE=0, PARALLEL_RESID_START=0, QUANT_CLIP_FLOOR=1,
+    MUON_ROW_NORM=0 and MLP_MULT=3 too: their defaults changed), the tiny model has the parameters it had before those switches existed and, over four optimizer steps on fixed batches (the last
     two with late QAT), the same losses (golden values from that code; 1e-5 leaves room for another CPU's
     rounding)."""
-    hp = tiny_hp(leaky_relu_slope=0.0, parallel_resid_start=0, quant_clip_floor=1.0, muon_row_norm=0)
+    hp = tiny_hp(leaky_relu_slope=0.0, parallel_resid_start=0, quant_clip_floor=1.0, muon_row_norm=0, mlp_mult=3.0)
     torch.manual_seed(0)
     m = tg.GPT(hp, dtype=torch.float32)
     assert [(n, tuple(p.shape)) for n, p in m.named_parameters()] == TODAY_PARAMS
