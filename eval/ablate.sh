@@ -25,11 +25,17 @@ gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 jobs=${JOBS:-$(( gpus > 0 ? gpus : 1 ))}
 [[ $jobs =~ ^[1-9][0-9]*$ ]] || fail "JOBS=$jobs is not a whole number >= 1"
 
+# the settings a plan may name: train_gpt.py's Hyperparameters fields, upper-cased, and eval/proxy.sh's own
+known=" PROXY_SECONDS NPROC $(sed -n '/^class Hyperparameters/,/^    def /p' "$(dirname "$0")/../train_gpt.py" |
+  grep -oE '^    [a-z][a-z0-9_]*: ' | tr -d ' :' | tr 'a-z' 'A-Z' | tr '\n' ' ')"
 names=() settings=()
 while read -r name rest; do
   [[ -z $name || $name == \#* ]] && continue
   [[ $name =~ ^[A-Za-z0-9_.-]+$ ]] || fail "$plan: run name '$name' may hold only letters, digits, '_', '.', '-'"
-  for kv in $rest; do [[ $kv =~ ^[A-Z][A-Z0-9_]*=[^=]*$ ]] || fail "$plan: '$kv' in run $name is not ENV=VALUE"; done
+  for kv in $rest; do
+    [[ $kv =~ ^[A-Z][A-Z0-9_]*=[^=]*$ ]] || fail "$plan: '$kv' in run $name is not ENV=VALUE"
+    [[ $known == *" ${kv%%=*} "* ]] || fail "$plan: run $name sets ${kv%%=*}, which train_gpt.py does not read (a typo, or a removed switch?)"
+  done
   for seen in "${names[@]}"; do [ "$seen" != "$name" ] || fail "$plan: run name $name appears twice"; done
   names+=("$name") settings+=("$rest")
 done < "$plan"

@@ -208,6 +208,22 @@ def test_device_ablation_call_returns_its_logs_at_the_deadline(tmp_path, shared_
     assert r.returncode == 2 and r.stderr.startswith("error: OUT is not a folder")
 
 
+def test_ablation_plans_name_only_settings_train_gpt_reads(tmp_path, shared_data):
+    """A plan line that sets what train_gpt.py does not read (a typo, a removed switch) is refused before anything
+    runs; every committed plan passes that check (RUNS names no run, so the plan is read and nothing starts)."""
+    plan = tmp_path / "plan.txt"
+    for bad in ("MLP_MUL=4", "EMBED_BF16=1"):
+        plan.write_text(f"ok_s1 SEED=1 PROXY_SECONDS=0 MLP_MULT=3.0\nbad_s1 SEED=1 {bad}\n")
+        r = subprocess.run(["bash", str(ROOT / "eval" / "ablate.sh"), str(plan), str(shared_data)],
+                           env=proxy_env(tmp_path), capture_output=True, text=True, timeout=60)
+        key = bad.split("=")[0]
+        assert r.returncode == 2 and r.stderr.startswith(f"error: {plan}: run bad_s1 sets {key}, which train_gpt.py"), r.stderr
+    for committed in sorted((ROOT / "eval" / "plans").glob("*.txt")):
+        r = subprocess.run(["bash", str(ROOT / "eval" / "ablate.sh"), str(committed), str(shared_data)],
+                           env=proxy_env(tmp_path, RUNS="no_such_run"), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "RUNS names no_such_run" in r.stderr, (committed.name, r.stderr)
+
+
 def test_ablation_plan_runs_each_line_once(tmp_path, shared_data):
     """eval/ablate.sh: every plan line RUNS names is a proxy run with its env on top, two at a time; a finished
     run is not run again (with FRESH=1 it is, and its summary says how it went); the summary comes in plan order; a
