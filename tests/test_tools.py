@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import logs
 import make_record
 import pack
 import plot_logs
@@ -51,6 +52,20 @@ def test_parse_log_and_summary(tmp_path):
     with open(r["path"], "a") as f:
         f.write("gptq_calibration: 16 training batches, 67 Hessians in 1.3s; training 590.0s + calibration 1.3s\n")
     assert summary(parse_log(r["path"])).endswith("calib_s:1.3")
+
+
+def test_table_rows_give_each_run_against_the_base_of_its_seed(tmp_path, capsys):
+    runs = [fake_log(tmp_path / f"run_s{seed}.txt", seed, loss) for seed, loss in ((1337, 2.40), (42, 2.41))]
+    bases = [fake_log(tmp_path / f"base_s{seed}.txt", seed, loss) for seed, loss in ((42, 2.42), (1337, 2.38))]
+    assert logs.main(["table", *runs, "--base", ",".join(bases)]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["| run_s1337", "| run_s42"] and [r[1] for r in rows] == ["1337", "42"]
+    assert rows[0][2:8] == ["200", "90.0", "1.46200", "1.46300", "0.00100", f"{2.40 / 1.67:.5f}"]
+    assert rows[0][8] == f"+{(2.40 - 2.38) / 1.67:.5f}" and rows[1][8] == f"−{(2.42 - 2.41) / 1.67:.5f}"
+    assert rows[0][9:] == ["15,000,000", "1 |"]
+    assert logs.main(["table", runs[0]]) == 0 and capsys.readouterr().out.splitlines()[2].split(" | ")[8] == "—"
+    with pytest.raises(UsageError, match="two logs of seed 1337"):
+        logs.main(["table", runs[0], "--base", f"{runs[0]},{bases[1]}"])
 
 
 def test_plot_writes_a_png(tmp_path):

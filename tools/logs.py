@@ -1,6 +1,10 @@
 """Read train_gpt.py run logs: the figures every report needs, and a one-line summary.
 
     python3 tools/logs.py summary logs/RUN.txt [...]
+    python3 tools/logs.py table logs/RUN.txt [...] [--base logs/BASE_A.txt,logs/BASE_B.txt]
+
+`table` prints one README table row per log (run, seed, steps, ms/step, pre-quant, roundtrip, quant gap, sliding, Δ
+sliding, total bytes, the clip floor of the last export); Δ is against the --base log of the same seed ("—" without).
 """
 from __future__ import annotations
 
@@ -77,12 +81,48 @@ def summary(r: dict) -> str:
             + (f" calib_s:{r['calib_s']:.1f}" if "calib_s" in r else ""))
 
 
+TABLE_HEAD = ("| run | seed | steps | ms/step | pre-quant bpb | roundtrip bpb | gap | sliding bpb | Δ sliding | "
+              "total bytes | clip floor |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(r: dict, bases: dict) -> str:
+    """One markdown row of `r`'s figures; `bases`: parsed base logs by seed."""
+    def g(key, fmt):
+        return fmt.format(r[key]) if key in r else "n/a"
+    seed = r.get("hparams", {}).get("seed", "n/a")
+    gap = r["roundtrip_bpb"] - r["pre_quant_bpb"] if "roundtrip_bpb" in r and "pre_quant_bpb" in r else None
+    base = bases.get(seed, {})
+    delta = r["sliding_bpb"] - base["sliding_bpb"] if "sliding_bpb" in r and "sliding_bpb" in base else None
+    cells = [Path(r["path"]).stem, str(seed), g("steps", "{:,}"), g("ms_per_step", "{:.1f}"), g("pre_quant_bpb", "{:.5f}"),
+             g("roundtrip_bpb", "{:.5f}"), "n/a" if gap is None else f"{gap:.5f}", g("sliding_bpb", "{:.5f}"),
+             "—" if delta is None else f"{delta:+.5f}".replace("-", "−"), g("total_bytes", "{:,}"), g("clip_floor", "{:.4g}")]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[0] != "summary":
-        raise UsageError("usage: python3 tools/logs.py summary LOG [LOG ...]")
-    for p in argv[1:]:
-        print(f"{p}: {summary(parse_log(p))}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] not in ("summary", "table"):
+        raise UsageError("usage: python3 tools/logs.py summary LOG [LOG ...] | table LOG [LOG ...] [--base LOG,LOG]")
+    if argv[0] == "summary":
+        for p in argv[1:]:
+            print(f"{p}: {summary(parse_log(p))}")
+        return 0
+    base_paths = []
+    if "--base" in argv:
+        i = argv.index("--base")
+        if i + 1 >= len(argv):
+            raise UsageError("--base takes comma-separated logs, e.g. --base logs/a_s1337.txt,logs/a_s42.txt")
+        base_paths = argv[i + 1].split(",")
+        del argv[i:i + 2]
+    bases = {}
+    for p in base_paths:
+        b = parse_log(p)
+        seed = b.get("hparams", {}).get("seed")
+        if seed in bases:
+            raise UsageError(f"--base holds two logs of seed {seed}")
+        bases[seed] = b
+    rows = [table_row(parse_log(p), bases) for p in argv[1:]]  # every log read before anything prints
+    print("\n".join([TABLE_HEAD, *rows]))
     return 0
 
 
