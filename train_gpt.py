@@ -127,7 +127,7 @@ class Hyperparameters:
     quantizer: str = "gptq_lite"  # how each matrix becomes integers: gptq_lite (rounding) | gptq (Hessian error feedback)
     quant_bits: str = "6"  # block matrices' bits, or mixed: each one MIXED_BITS by GPTQ's error per byte (QUANTIZER=gptq)
     mixed_bits: str = "5,6,7"  # QUANT_BITS=mixed: the widths, lowest first (every matrix starts there; late QAT uses it)
-    size_target: int = 15_900_000  # QUANT_BITS=mixed promotes matrices until code + artifact reach this
+    size_target: int = 15_900_000  # QAT_SIZE_FIT raises the floor, or QUANT_BITS=mixed promotes, until code + artifact fit this
     qat_size_fit: bool = True  # at late QAT's start raise the clip floor until the estimate fits (with SIZE_FIT; not mixed)
     clip_mode: str = "search"  # row scales: search (the least-error of CLIP_PERCENTILES) | sdclip (SDCLIP_K * std of the row)
     sdclip_k: float = 12.85  # block matrices' clip in row standard deviations (CLIP_MODE=sdclip)

@@ -64,6 +64,8 @@ def test_table_rows_give_each_run_against_the_base_of_its_seed(tmp_path, capsys)
     assert rows[0][8] == f"+{(2.40 - 2.38) / 1.67:.5f}" and rows[1][8] == f"−{(2.42 - 2.41) / 1.67:.5f}"
     assert rows[0][9:] == ["15,000,000", "1 |"]
     assert logs.main(["table", runs[0]]) == 0 and capsys.readouterr().out.splitlines()[2].split(" | ")[8] == "—"
+    with pytest.raises(UsageError, match="at least one LOG"):
+        logs.main(["table", "--base", bases[0]])
     with pytest.raises(UsageError, match="two logs of seed 1337"):
         logs.main(["table", runs[0], "--base", f"{runs[0]},{bases[1]}"])
 

@@ -114,6 +114,8 @@ def main(argv=None) -> int:
             raise UsageError("--base takes comma-separated logs, e.g. --base logs/a_s1337.txt,logs/a_s42.txt")
         base_paths = argv[i + 1].split(",")
         del argv[i:i + 2]
+    if len(argv) < 2:
+        raise UsageError("table needs at least one LOG besides the --base ones")
     bases = {}
     for p in base_paths:
         b = parse_log(p)
