@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli import UsageError, run  # noqa: E402
+from cli import ArgParser, UsageError, run  # noqa: E402
 
 _NUM = r"([-+0-9.eE,]+)"
 _PATTERNS = {
@@ -100,30 +100,26 @@ def table_row(r: dict, bases: dict) -> str:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2 or argv[0] not in ("summary", "table"):
-        raise UsageError("usage: python3 tools/logs.py summary LOG [LOG ...] | table LOG [LOG ...] [--base LOG,LOG]")
-    if argv[0] == "summary":
-        for p in argv[1:]:
+    ap = ArgParser(description=__doc__)
+    ap.add_argument("command", nargs="?", choices=("summary", "table"))
+    ap.add_argument("logs", nargs="*")
+    ap.add_argument("--base", default="", help="table: comma-separated base logs, one per seed")
+    args = ap.parse_args(argv)
+    if args.command is None or not args.logs:
+        raise UsageError("usage: python3 tools/logs.py summary LOG [LOG ...] | table LOG [LOG ...] [--base LOG,LOG] "
+                         "(at least one LOG besides the --base ones)")
+    if args.command == "summary":
+        for p in args.logs:
             print(f"{p}: {summary(parse_log(p))}")
         return 0
-    base_paths = []
-    if "--base" in argv:
-        i = argv.index("--base")
-        if i + 1 >= len(argv):
-            raise UsageError("--base takes comma-separated logs, e.g. --base logs/a_s1337.txt,logs/a_s42.txt")
-        base_paths = argv[i + 1].split(",")
-        del argv[i:i + 2]
-    if len(argv) < 2:
-        raise UsageError("table needs at least one LOG besides the --base ones")
     bases = {}
-    for p in base_paths:
+    for p in filter(None, args.base.split(",")):
         b = parse_log(p)
         seed = b.get("hparams", {}).get("seed")
         if seed in bases:
             raise UsageError(f"--base holds two logs of seed {seed}")
         bases[seed] = b
-    rows = [table_row(parse_log(p), bases) for p in argv[1:]]  # every log read before anything prints
+    rows = [table_row(parse_log(p), bases) for p in args.logs]  # every log read before anything prints
     print("\n".join([TABLE_HEAD, *rows]))
     return 0
 
