@@ -1055,15 +1055,15 @@ def fit_qat_floor(model: GPT, weights: list[Tensor], quant: Quantizer, budget: f
     state = dict(zip((n for n, _ in model.named_parameters()), weights))
     estimate = lambda f: estimated_bytes(state, dataclasses.replace(quant, clip_floor=f))
     t0, low, floor = time.perf_counter(), 0.0, quant.clip_floor.item()
-    while estimate(floor) > budget and floor < 100:
+    while (est := estimate(floor)) > budget and floor < 100:
         low, floor = floor, floor * 1.1
     for _ in range(4 if low else 0):
         mid = (low + floor) / 2
-        low, floor = (low, mid) if estimate(mid) <= budget else (mid, floor)
+        low, floor, est = (low, mid, mid_est) if (mid_est := estimate(mid)) <= budget else (mid, floor, est)
     quant.clip_floor.fill_(floor)
     if world > 1:
         dist.broadcast(quant.clip_floor, 0)
-    log(f"qat_size_fit: clip_floor {floor:.4f}, estimated {estimate(floor):,.0f} bytes for {budget:,.0f} in {time.perf_counter() - t0:.1f}s")
+    log(f"qat_size_fit: clip_floor {floor:.4f}, estimated {est:,.0f} bytes for {budget:,.0f} in {time.perf_counter() - t0:.1f}s")
 
 def check_switch(model: nn.Module, batch: tuple[Tensor, Tensor], switch, off, on, what: str, fix: str):
     """A switch read in the compiled forward must reach it: at the same weights and batch the loss with it on must
