@@ -15,32 +15,28 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 import train_gpt as tg  # noqa: E402
-from cli import UsageError, run  # noqa: E402
+from cli import ArgParser, UsageError, run  # noqa: E402
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    strides, top, entropy = [0], 0, "--entropy" in argv
-    argv = [a for a in argv if a != "--entropy"]
-    if "--tensors" in argv:
-        i = argv.index("--tensors")
-        if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
-            raise UsageError("--tensors takes how many tensors to list, e.g. --tensors 20")
-        top = int(argv[i + 1])
-        del argv[i:i + 2]
-    strides = option_numbers(argv, "--shuffle", int, "0,2,4") or strides
+    ap = ArgParser(description=__doc__)
+    ap.add_argument("artifact")
+    ap.add_argument("codecs", nargs="*", metavar="CODEC")
+    ap.add_argument("--shuffle", type=numbers(int, "--shuffle", "0,2,4"), default=[0])
+    ap.add_argument("--tensors", type=count, default=0, help="how many tensors to list")
+    ap.add_argument("--entropy", action="store_true")
+    ap.add_argument("--estimate", type=numbers(float, "--estimate", "0.5,1.0"), default=[])
+    args = ap.parse_intermixed_args(argv)
+    strides, floors = args.shuffle, args.estimate
     if not all(0 <= s <= 15 for s in strides):
         raise UsageError("--shuffle strides must be between 0 and 15")
-    floors = option_numbers(argv, "--estimate", float, "0.5,1.0")
     if not all(f >= 0 for f in floors):
         raise UsageError("--estimate floors must not be negative")
-    if not argv:
-        raise UsageError("usage: python3 tools/recompress.py ARTIFACT [CODEC ...] [--shuffle 0,2,4]")
-    codecs = argv[1:] or list(tg.CODECS)
+    codecs = args.codecs or list(tg.CODECS)
     unknown = [c for c in codecs if c not in tg.CODECS]
     if unknown:
         raise UsageError(f"unknown codec {', '.join(unknown)} (use {', '.join(tg.CODECS)})")
-    raw = tg.read_payload(argv[0])  # a readable artifact, or one clear error
+    raw = tg.read_payload(args.artifact)  # a readable artifact, or one clear error
     _, stored = tg.stored_tensors(raw)  # a table that fits its payload, or one clear error
     print(f"raw payload: {len(raw)} bytes")
     for codec in codecs:
@@ -48,26 +44,30 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             n = len(tg.compress(tg.shuffle_bytes(raw, stride), codec)) + 5
             print(f"{codec} byte_shuffle {stride}: {n} bytes ({time.perf_counter() - t0:.1f}s)")
-    if top:
-        print_tensor_costs(stored, codecs[0], top)
-    if entropy:
+    if args.tensors:
+        print_tensor_costs(stored, codecs[0], args.tensors)
+    if args.entropy:
         print_entropy(stored, codecs[0])
     if floors:
-        print_estimates(argv[0], raw, stored, codecs[0], floors)
+        print_estimates(args.artifact, raw, stored, codecs[0], floors)
     return 0
 
 
-def option_numbers(argv: list, flag: str, kind: type, example: str) -> list:
-    """The comma-separated numbers after `flag` (both taken out of argv); [] when the flag is absent."""
-    if flag not in argv:
-        return []
-    i = argv.index(flag)
-    try:
-        values = [kind(v) for v in argv[i + 1].split(",")]
-    except (IndexError, ValueError):
-        raise UsageError(f"{flag} takes comma-separated numbers, e.g. {flag} {example}") from None
-    del argv[i:i + 2]
-    return values
+def count(text: str) -> int:
+    """--tensors' argparse type: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError("--tensors takes how many tensors to list, e.g. --tensors 20")
+    return int(text)
+
+
+def numbers(kind: type, flag: str, example: str):
+    """An argparse type: comma-separated numbers of `kind`, or a UsageError that shows the flag's form."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise UsageError(f"{flag} takes comma-separated numbers, e.g. {flag} {example}") from None
+    return parse
 
 
 def print_estimates(path: str, raw: bytes, stored: dict, codec: str, floors: list):
