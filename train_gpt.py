@@ -7,7 +7,7 @@ config, data, model, optimizer, schedule, training, quantization/export, evaluat
 """
 from __future__ import annotations
 
-import collections, concurrent.futures, contextlib, dataclasses, faulthandler, glob, hashlib, importlib.util
+import collections, concurrent.futures, contextlib, dataclasses, difflib, faulthandler, glob, hashlib, importlib.util
 import itertools, json, math, os, re, sys, time, warnings, zlib
 from pathlib import Path
 
@@ -148,9 +148,11 @@ class Hyperparameters:
     allow_oversize: bool = False
     @classmethod
     def from_env(cls, env=os.environ) -> "Hyperparameters":
-        kw = {f.name: parse_env_value(f.name.upper(), env[f.name.upper()], type(f.default))
-              for f in dataclasses.fields(cls) if f.name.upper() in env}
-        hp = cls(**kw)
+        fields = {f.name.upper(): f for f in dataclasses.fields(cls)}
+        for name in [n for n in sorted(env) if n not in fields and env.get("RANK", "0") == "0"]:  # a typo is ignored:
+            for near in difflib.get_close_matches(name, fields, 1, 0.85):  # say so, or a run trains the wrong model
+                print(f"warning: {name} is not a setting of train_gpt.py (did you mean {near}?); it is ignored", file=sys.stderr)
+        hp = cls(**{f.name: parse_env_value(n, env[n], type(f.default)) for n, f in fields.items() if n in env})
         hp.run_id = hp.run_id or time.strftime("run_%Y%m%d_%H%M%S") + f"_{os.getpid()}"
         hp.validate()
         return hp
@@ -814,15 +816,12 @@ QUINTIC_COEFFS = {  # odd quintic a*x + b*x^3 + c*x^5 per step; the last triple 
 REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
 ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-def normalize_rows(X: Tensor, dim: int = -1) -> Tensor:
-    return X / (X.float().norm(dim=dim, keepdim=True) + 1e-7).to(X.dtype)
-
 def orthogonalize(G: Tensor, steps: int, method: str = "newton_schulz", row_norm: bool = False, margin: float = 1.01) -> Tensor:
     """Approximate the orthogonal polar factor of each matrix in a (N, m, n) batch, in bf16. row_norm (MuonEq-R)
     first scales every row to unit norm."""
     coeffs = QUINTIC_COEFFS[method]
     X = G.bfloat16()
-    X = normalize_rows(X) if row_norm else X
+    X = X / (X.float().norm(dim=-1, keepdim=True) + 1e-7).to(X.dtype) if row_norm else X
     tall = X.size(-2) > X.size(-1)
     X = X.mT if tall else X
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)  # singular values <= 1, with a bf16 margin

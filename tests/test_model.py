@@ -27,6 +27,17 @@ def test_env_parsing_and_errors():
         tg.Hyperparameters.from_env({"SMEAR_GATE": "maybe"})
 
 
+def test_a_misspelt_setting_is_named_with_its_near_miss_on_rank_0_only(capsys):
+    hp = tg.Hyperparameters.from_env({**TINY_ENV, "MLP_MUL": "4", "NUM_LAYER": "3", "PATH": "/bin"})
+    assert hp.mlp_mult == tg.Hyperparameters.mlp_mult and hp.num_layers == 2  # ignored, as before
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: MLP_MUL is not a setting of train_gpt.py (did you mean MLP_MULT?); it is ignored",
+                   "warning: NUM_LAYER is not a setting of train_gpt.py (did you mean NUM_LAYERS?); it is ignored"]
+    tg.Hyperparameters.from_env({**TINY_ENV, "MLP_MUL": "4", "RANK": "1"})  # every rank reads the same env
+    tg.Hyperparameters.from_env({**TINY_ENV, "MLP_MULT": "4"})
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("env, message", [
     ({"ITERATIONS": "0"}, "ITERATIONS=0 must be at least 1"),
     ({"TRAIN_LOG_EVERY": "0"}, "TRAIN_LOG_EVERY=0 must be at least 1"),
