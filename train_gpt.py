@@ -149,7 +149,7 @@ class Hyperparameters:
     @classmethod
     def from_env(cls, env=os.environ) -> "Hyperparameters":
         fields = {f.name.upper(): f for f in dataclasses.fields(cls)}
-        for name in [n for n in sorted(env) if n not in fields and env.get("RANK", "0") == "0"]:  # a typo is ignored:
+        for name in sorted(set(env) - set(fields)) if env.get("RANK", "0") == "0" else ():  # a typo is ignored:
             for near in difflib.get_close_matches(name, fields, 1, 0.85):  # say so, or a run trains the wrong model
                 print(f"warning: {name} is not a setting of train_gpt.py (did you mean {near}?); it is ignored", file=sys.stderr)
         hp = cls(**{f.name: parse_env_value(n, env[n], type(f.default)) for n, f in fields.items() if n in env})
