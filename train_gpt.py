@@ -1164,7 +1164,7 @@ def calibrate(parts: TrainingParts, hp: Hyperparameters, quant: Quantizer, world
     return hessians
 
 def train(hp: Hyperparameters, rank: int, world: int, device: torch.device, attn_impl: str, log,
-          code_bytes: int = 0) -> tuple[GPT, dict[str, Tensor], float]:
+          code_bytes: int) -> tuple[GPT, dict[str, Tensor], float]:
     """The training loop; returns the final (averaged) model, GPTQ's Hessians and the clip floor QAT trained on."""
     parts = setup_training(hp, rank, world, device, attn_impl, log)
     sched, quant = Schedule.from_hp(hp), QUANTIZERS[hp.quantizer].from_hp(hp)
