@@ -980,6 +980,8 @@ class Schedule:
     def recur_loops(self, p: float) -> int:
         """Depth recurrence: the extra passes that run at progress p (each from its RECUR_START_FRAC)."""
         return sum(p >= f for f in self.recur_starts)
+    def recur_counts(self, p: float) -> list[int]:  # the extra-pass counts the run meets from progress p on: a graph each
+        return sorted({self.recur_loops(f) for f in (p, *self.recur_starts) if f >= p})
     def qat(self, p: float) -> bool:
         """Late QAT: on once the warmdown is below LATE_QAT_THRESHOLD (and then to the end: it only falls)."""
         return self.late_qat_threshold > 0 and self.warmdown(p) < self.late_qat_threshold
@@ -1083,11 +1085,10 @@ def compile_warmup(parts: TrainingParts, hp: Hyperparameters, sched: Schedule, q
     compiled forward, then the initial model, optimizer state and data position are restored."""
     if hp.warmup_steps <= 0:
         return
-    initial = {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
-    opt_states = parts.opt.state_dict()
+    initial, opt_states = {k: v.detach().clone() for k, v in parts.model.state_dict().items()}, parts.opt.state_dict()
     loops, model = len(sched.recur_starts), parts.model
-    qat_loops = range(sched.recur_loops(sched.qat_start()), loops + 1)  # the pass counts QAT will meet
-    states = [(n, None) for n in range(loops + 1)] + [(n, quant) for n in qat_loops if hp.late_qat_threshold > 0 and qat_layers]
+    states = [(n, None) for n in sched.recur_counts(0.0)] + \
+        [(n, quant) for n in sched.recur_counts(sched.qat_start()) if hp.late_qat_threshold > 0 and qat_layers]
     t0 = time.perf_counter()
     for i in range(hp.warmup_steps):
         model.loops_on, qat = states[i * len(states) // hp.warmup_steps]

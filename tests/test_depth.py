@@ -111,6 +111,9 @@ def test_recurrence_passes_switch_on_at_their_fractions():
     assert [sched.recur_loops(p) for p in (0.0, 0.49, 0.5, 0.64, 0.65, 0.99)] == [0, 0, 1, 1, 2, 2]
     assert tg.Schedule.from_hp(four_layers(recur_layers="1,2", recur_loops=2)).recur_starts == (0.5, 0.5)
     assert tg.Schedule.from_hp(four_layers(recur_start_frac="0.3")).recur_loops(0.9) == 0  # off
+    assert sched.recur_counts(0.0) == [0, 1, 2] and sched.recur_counts(0.6) == [1, 2] and sched.recur_counts(0.7) == [2]
+    single = tg.Schedule.from_hp(four_layers(recur_layers="1,2", recur_loops=2, recur_start_frac="0.35"))
+    assert single.recur_counts(0.0) == [0, 2] and single.recur_counts(0.2) == [0, 2]  # both passes at once: no graph for 1
     for bad, message in ((dict(recur_layers="1,3"), "RECUR_LAYERS='1,3' must be consecutive layers"),
                          (dict(recur_layers="2,3", parallel_resid_start=3), "all before or all from"),
                          (dict(recur_layers="1", recur_start_frac="0.5,0.6"), "RECUR_START_FRAC='0.5,0.6' must be one"),
