@@ -44,10 +44,12 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             n = len(tg.compress(tg.shuffle_bytes(raw, stride), codec)) + 5
             print(f"{codec} byte_shuffle {stride}: {n} bytes ({time.perf_counter() - t0:.1f}s)")
-    if args.tensors:
-        print_tensor_costs(stored, codecs[0], args.tensors)
-    if args.entropy:
-        print_entropy(stored, codecs[0])
+    if args.tensors or args.entropy:  # each tensor compressed alone, once for both reports
+        alone = {name: len(tg.compress(values.tobytes(), codecs[0])) for name, (_, values) in stored.items()}
+        if args.tensors:
+            print_tensor_costs(stored, alone, codecs[0], args.tensors)
+        if args.entropy:
+            print_entropy(stored, alone, codecs[0])
     if floors:
         print_estimates(args.artifact, raw, stored, codecs[0], floors)
     return 0
@@ -99,24 +101,25 @@ def layout_min_numel(stored: dict) -> int:
     return min((a.size for kind, a in stored.values() if kind.startswith("int")), default=2 ** 62) - 1
 
 
-def print_entropy(stored: dict, codec: str):
+def print_entropy(stored: dict, alone: dict, codec: str):
+    """`alone`: each tensor's bytes compressed by itself with `codec`, by name."""
     by_kind = {}
-    for kind, values in stored.values():
+    for name, (kind, values) in stored.items():
         if kind.startswith("int"):
             n, bits, bound = by_kind.get(kind, (0, 0, 0.0))
-            by_kind[kind] = (n + values.size, bits + 8 * len(tg.compress(values.tobytes(), codec)), bound + order0_bits(values))
+            by_kind[kind] = (n + values.size, bits + 8 * alone[name], bound + order0_bits(values))
     print(f"integer values, bits per value: {codec} (each tensor alone, without its scales) against order-0 entropy:")
     for kind, (n, bits, bound) in sorted(by_kind.items()):
         print(f"  {kind}: {n} values: {codec} {bits / n:.4f}, order-0 {bound / n:.4f} ({bits / bound - 1:+.1%})")
 
 
-def print_tensor_costs(stored: dict, codec: str, top: int):
-    """`stored`: train_gpt.stored_tensors' arrays by name."""
+def print_tensor_costs(stored: dict, alone: dict, codec: str, top: int):
+    """`stored`: train_gpt.stored_tensors' arrays by name; `alone`: their bytes compressed alone, by name."""
     rows = []
     for name, (kind, values) in stored.items():
         if kind == "scale":
             continue
-        cost = len(tg.compress(values.tobytes(), codec))
+        cost = alone[name]
         detail = ""
         if kind.startswith("int"):
             scale = stored[name + ".scale"][1].astype("float64")
