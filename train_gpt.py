@@ -1873,9 +1873,9 @@ def score_artifact(path: str, code_bytes: int, ev: EvalContext):
     ev.log(f"Total submission size int6+{ev.hp.compressor}: {artifact_bytes + code_bytes} bytes "
            f"(model {artifact_bytes} + code {code_bytes})")
 
-def with_artifact_config(hp: Hyperparameters, path: str) -> Hyperparameters:
-    """The model shape comes from the artifact's header, whatever the env says."""
-    config = stored_tensors(read_payload(path))[0]["config"]  # the header alone: score_artifact dequantises
+def with_artifact_config(hp: Hyperparameters, path: str, payload: bytes | None = None) -> Hyperparameters:
+    """The model shape comes from the artifact's header (in `payload`, its read_payload, if given), whatever the env says."""
+    config = stored_tensors(payload or read_payload(path))[0]["config"]  # the header alone: score_artifact dequantises
     missing = [k for k in MODEL_KEYS if k not in config]
     try:
         if missing:

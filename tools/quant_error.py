@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                 "TORCH_COMPILE": "0", "TTT_MODE": "off", "TTT_LORA_CHUNK": str(args.seq_len),
                 "EVAL_SEQ_LEN": str(args.seq_len), "EVAL_STRIDE": str(args.seq_len),
                 "QUANT_MIN_NUMEL": str(layout_min_numel(tg.stored_tensors(raw0)[1]))}  # unless a setting says
-    hps = [tg.with_artifact_config(tg.Hyperparameters.from_env({**base_env, **env}), args.artifact)
+    hps = [tg.with_artifact_config(tg.Hyperparameters.from_env({**base_env, **env}), args.artifact, raw0)
            for env in [{}] + settings]  # every setting checked before anything slow runs
     _, state = tg.unpack_state(raw0)
     model = tg.GPT(hps[0], "sdpa", torch.float32)

@@ -75,7 +75,7 @@ def numbers(kind: type, flag: str, example: str):
 def print_estimates(path: str, raw: bytes, stored: dict, codec: str, floors: list):
     """Each tensor stored as an integer is quantised again at its stored width (the artifact's layout, mixed widths
     too), the rest as stored, by gptq_lite's rounding."""
-    hp = tg.with_artifact_config(tg.Hyperparameters(compressor=codec, run_id="recompress"), path)
+    hp = tg.with_artifact_config(tg.Hyperparameters(compressor=codec, run_id="recompress"), path, raw)
     _, state = tg.unpack_state(raw)
     ints = {name: int(kind[3:]) for name, (kind, _) in stored.items() if kind.startswith("int")}
     layout = tg.dataclasses.replace(tg.Quantizer.from_hp(hp), bits_by_name=ints, min_numel=layout_min_numel(stored))
