@@ -139,6 +139,10 @@ def test_recompress_reports_each_codec_and_shuffle(tmp_path):
     costs = [int(line.split(": ")[1].split()[0]) for line in listed]
     assert len(listed) == 3 and costs == sorted(costs, reverse=True) and "tok_emb.weight int8 320x64:" in out
     assert all("zeros" in line for line in listed if " int" in line) and not any(".scale " in x for x in listed)
+    stored = tg.stored_tensors(tg.read_payload(str(tmp_path / "a")))[1]
+    alone = lambda name: len(tg.compress(stored[name][1].tobytes(), "zstd"))
+    emb = next(line for line in listed if "tok_emb.weight int8" in line)
+    assert int(emb.split(": ")[1].split()[0]) == alone("tok_emb.weight") + alone("tok_emb.weight.scale")
     assert {line.split(":")[0].strip() for line in entropy.splitlines()[1:]} == {"int6", "int8"}
     rows = re.findall(r"clip_floor ([\d.]+): estimated ([\d,]+) \(.*\), zstd ([\d,]+)", recompress("zstd", "--estimate", "0.5,2"))
     (f1, est1, zstd1), (f2, est2, zstd2) = [(float(f), int(e.replace(",", "")), int(z.replace(",", ""))) for f, e, z in rows]

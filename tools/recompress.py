@@ -123,7 +123,7 @@ def print_tensor_costs(stored: dict, alone: dict, codec: str, top: int):
         detail = ""
         if kind.startswith("int"):
             scale = stored[name + ".scale"][1].astype("float64")
-            cost += len(tg.compress(scale.astype("float16").tobytes(), codec))
+            cost += alone[name + ".scale"]  # the fp16 row scales as stored
             detail = (f" zeros {(values == 0).mean():.1%} mean|q| {tg.np.abs(values.astype('int32')).mean():.2f}"
                       f" mean scale {scale.mean():.3e}")
         rows.append((cost, f"{name} {kind} {'x'.join(map(str, values.shape))}: {cost} bytes{detail}"))
