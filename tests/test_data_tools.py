@@ -138,7 +138,7 @@ def shared_data(tmp_path_factory, dataset, tokenizer) -> Path:
 
 def proxy_env(tmp_path, **env) -> dict:
     """The tiny model on the proxy's batch (98,304 tokens at seq 2048: ~7 s a step on one CPU thread), so no
-    warm-up steps (nothing to compile with TORCH_COMPILE=0; the pipeline tests cover the warm-up)."""
+    warm-up steps (nothing to compile with TORCH_COMPILE=0; test_depth.py checks the warm-up's graphs)."""
     return {**os.environ, **TINY_ENV, "PROXY_SECONDS": "3", "PROXY_DATA_DIR": str(tmp_path / "pd"), "OMP_NUM_THREADS": "1",
             "WARMUP_STEPS": "0", **env}
 
